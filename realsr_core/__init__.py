@@ -1,0 +1,1 @@
+"""realsr_core: host-agnostic real-world super-resolution (pure PyTorch, never imports ComfyUI)."""
