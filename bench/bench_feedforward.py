@@ -1,0 +1,196 @@
+"""Speed and peak memory of FeMaSR x4 and MM-RealSR x4 against spandrel, and tiled memory at 2048x2048.
+
+Both implementations load the same generated checkpoint (the oracle fixtures' deterministic weights,
+saved in the official ``{'params': ...}`` container).  Each measurement runs in a fresh subprocess so
+peak memory is that run's own: CUDA ``max_memory_allocated`` on a GPU, peak RSS growth on the CPU
+(``ru_maxrss`` after the run minus the RSS once the model is loaded).
+
+Outputs are compared on the raw network call (``model(x)``) at sizes that need no padding, so both
+sides compute exactly the same thing; our official inference path (FeMaSR's always-pad mirror) is
+timed too.
+
+Usage (needs ``pip install spandrel spandrel-extra-arches``, i.e. torch with torchvision)::
+
+    python bench/bench_feedforward.py [--device cuda] [--sizes 128 512] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_checkpoint(fixture: str, folder: Path) -> Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_weights", FIXTURES / "make_weights.py")
+    mw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mw)
+    man = mw.load_manifest(str(FIXTURES / fixture / "manifest.json"))
+    path = folder / f"{fixture}.pth"
+    if not path.exists():
+        mw.save_checkpoint(mw.make_state_dict(man, man["seed"]), str(path), man["wrapper"])
+    return path
+
+
+def photo(size: int):
+    """A real photo (scikit-image astronaut, or a wallpaper-size tiling of it) cropped to size x size."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut())
+    if size > 512:
+        img = img.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32)[:size, :size] / 255.0
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())[None]
+
+
+def worker(impl: str, ckpt: str, size: int, device: str, repeats: int, mode: str, tile: int | None) -> dict:
+    """One measurement in this process: load, warm up, time, record peak memory."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    dev = torch.device(device)
+    x = photo(size).to(dev)
+    if impl == "spandrel":
+        import spandrel_extra_arches
+        from spandrel import ModelLoader
+
+        spandrel_extra_arches.install()
+        model = ModelLoader().load_from_file(ckpt).model.eval().to(dev)
+        if "mmrealsr" in ckpt:
+            def call(t):
+                return model(t)[0]
+        else:
+            call = model
+    else:
+        from realsr_core import load_model, upscale
+
+        desc = load_model(ckpt, device=dev)
+        if mode == "raw":
+            # The bare network (FeMaSR without its padding); MM-RealSR estimates its scores as spandrel does.
+            call = desc.model if desc.arch == "femasr" else desc.forward
+        elif mode == "official":
+            call = desc.forward
+        else:  # tiled job through the public API, output assembled on the CPU
+            def call(t):
+                return upscale(desc, t.cpu(), tile=tile, device=dev).image
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    base_rss = _rss_mib()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    times = []
+    out = None
+    for i in range(repeats + (1 if size <= 256 else 0)):
+        sync()
+        t0 = time.perf_counter()
+        out = call(x)
+        sync()
+        dt = time.perf_counter() - t0
+        if size > 256 or i > 0:  # small sizes get a warm-up run
+            times.append(dt)
+    res = {"impl": impl, "mode": mode, "size": size, "device": device, "seconds": min(times),
+           "seconds_all": times, "out_shape": list(out.shape)}
+    if dev.type == "cuda":
+        res["peak_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    else:
+        res["peak_mib"] = _peak_rss_mib() - base_rss
+    if os.environ.get("BENCH_SAVE"):
+        torch.save(out.float().cpu(), os.environ["BENCH_SAVE"])
+    return res
+
+
+def run_sub(*args: str, save: str | None = None, extra: list[str] | None = None) -> dict:
+    env = dict(os.environ)
+    if save:
+        env["BENCH_SAVE"] = save
+    cmd = [sys.executable, __file__, *(extra or []), "--worker", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", nargs=6, metavar=("IMPL", "CKPT", "SIZE", "DEVICE", "REPEATS", "MODE"))
+    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=["femasr_x4", "mmrealsr_x4"])
+    p.add_argument("--tiled-size", type=int, default=512, help="input size of the tiled run (x4 -> 2048)")
+    p.add_argument("--tiles", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.worker:
+        impl, ckpt, size, device, repeats, mode = a.worker
+        print(json.dumps(worker(impl, ckpt, int(size), device, int(repeats), mode, a.tile)))
+        return
+
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="realsr_bench_"))
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                     "device": a.device, "date": time.strftime("%Y-%m-%d"), "rows": [], "tiled": []}
+    if a.device.startswith("cuda"):
+        results["machine"] += f", {torch.cuda.get_device_name(0)}"
+    for fixture in a.models:
+        ckpt = str(make_checkpoint(fixture, tmp))
+        for size in a.sizes:
+            rep = str(a.repeats if size <= 256 else max(1, a.repeats - 2))
+            s_out, o_out = str(tmp / "s.pt"), str(tmp / "o.pt")
+            sp = run_sub("spandrel", ckpt, str(size), a.device, rep, "raw", save=s_out)
+            ours = run_sub("ours", ckpt, str(size), a.device, rep, "raw", save=o_out)
+            off = run_sub("ours", ckpt, str(size), a.device, rep, "official")
+            diff = (torch.load(s_out) - torch.load(o_out)).abs().max().item()
+            row = {"model": fixture, "size": size, "spandrel_s": sp["seconds"], "ours_s": ours["seconds"],
+                   "ours_official_path_s": off["seconds"], "time_ratio": ours["seconds"] / sp["seconds"],
+                   "spandrel_peak_mib": sp["peak_mib"], "ours_peak_mib": ours["peak_mib"],
+                   "mem_ratio": ours["peak_mib"] / max(sp["peak_mib"], 1e-9), "max_abs_diff": diff}
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        for tile in a.tiles:
+            t = run_sub("ours", ckpt, str(a.tiled_size), a.device, "1", "tiled", extra=["--tile", str(tile)])
+            row = {"model": fixture, "input": a.tiled_size, "output": t["out_shape"][-1], "tile": tile,
+                   "seconds": t["seconds"], "peak_mib": t["peak_mib"]}
+            results["tiled"].append(row)
+            print(json.dumps(row), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

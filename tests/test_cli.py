@@ -1,0 +1,83 @@
+"""The command line on real photo files: single file, folder, no silent overwrite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, skimage_photo
+from PIL import Image
+
+from realsr_core.__main__ import main
+from realsr_core.imageio import load_image, save_image
+from realsr_core.models.mmrealsr import MMRealSRNet
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = MMRealSRNet(num_feat=16, num_block=1, num_grow_ch=8, embed_dim=32,
+                      de_num_feats=(16, 32), de_num_blocks=(1, 1), de_downscales=(2, 1), de_hidden_dim=32)
+    path = tmp_path_factory.mktemp("ckpt") / "small_mmrealsr.pth"
+    torch.save({"params": net.state_dict()}, path)
+    return path
+
+
+@pytest.fixture()
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_image(skimage_photo("chelsea")[:, :, 50:90, 100:148], folder / "cat.png")
+    rgba = torch.cat([skimage_photo("coffee")[:, :, :32, :40], torch.full((1, 1, 32, 40), 0.5)], 1)
+    save_image(rgba, folder / "cup.png")
+    return folder
+
+
+def test_upscale_file_then_refuse_overwrite(tmp_path: Path, photos: Path, checkpoint: Path, capsys) -> None:
+    out = tmp_path / "cat_x4.png"
+    assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--model", str(checkpoint), "--tile", "32"]) == 0
+    assert Image.open(out).size == (48 * 4, 40 * 4)
+    err = capsys.readouterr().err
+    assert "tiles" in err and "degrees" in err  # progress bar and the scores used
+    before = out.read_bytes()
+    assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--model", str(checkpoint), "--blur", "0.9"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--model", str(checkpoint), "--blur", "0.9",
+                 "--overwrite"]) == 0
+    assert out.read_bytes() != before
+
+
+def test_upscale_folder_keeps_alpha(tmp_path: Path, photos: Path, checkpoint: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["upscale", str(photos), "-o", str(out), "--model", str(checkpoint)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cat.png", "cup.png"]
+    cup = load_image(out / "cup.png")
+    assert cup.shape == (1, 4, 128, 160)
+    assert np.allclose(cup[0, 3].numpy(), 128 / 255, atol=1 / 255)
+
+
+def test_bad_score_and_unknown_model_are_clear_errors(tmp_path: Path, photos: Path, checkpoint: Path, capsys) -> None:
+    rc = main(["upscale", str(photos / "cat.png"), "-o", str(tmp_path / "x.png"), "--model", str(checkpoint),
+               "--noise", "2"])
+    assert rc == 2 and "[0, 1]" in capsys.readouterr().err
+    bogus = tmp_path / "bogus.pth"
+    torch.save({"weight": torch.zeros(3)}, bogus)
+    rc = main(["upscale", str(photos / "cat.png"), "-o", str(tmp_path / "y.png"), "--model", str(bogus)])
+    assert rc == 2 and "bogus.pth" in capsys.readouterr().err
+    assert not (tmp_path / "y.png").exists()
+
+
+def test_module_entry_point_runs(tmp_path: Path, photos: Path, checkpoint: Path) -> None:
+    out = tmp_path / "cli.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "realsr_core", "upscale", str(photos / "cat.png"), "-o", str(out),
+         "--model", str(checkpoint)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (192, 160)
