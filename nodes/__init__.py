@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import host
+from .colorfix import ColorFix
+from .femasr import FeMaSRUpscale
+from .loaders import LoadRealSRModel
+from .mmrealsr import MMRealSRModulate
+
+host.register_model_folder()  # before any define_schema lists the folder's files
+
+NODES: list[type[io.ComfyNode]] = [LoadRealSRModel, FeMaSRUpscale, MMRealSRModulate, ColorFix]
+
 
 class RealSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return NODES

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from realsr_core.errors import InvalidInputError
+from .errors import InvalidInputError
 
 __all__ = [
     "ColorFixMethod",

@@ -105,7 +105,8 @@ def upscale(
         progress: ``progress(done, total)`` after each tile batch (totals over the whole job).
         cancel: checked before each model call; True raises ``Cancelled``.
         memory_budget: bytes for ``tile="auto"`` (default: from the device's free memory).
-        options: architecture options for ``prepare`` (e.g. MM-RealSR ``blur``, ``noise``).
+        options: architecture options for ``prepare`` (e.g. MM-RealSR ``blur``, ``noise``); a list
+            gives one value per image of the batch.
 
     Returns:
         an ``UpscaleResult``: the image (B, C, H*s, W*s) clamped to [0, 1] on ``output_device``,
@@ -166,12 +167,17 @@ def upscale(
         done_before += totals[0] if totals else 0
         return out
 
+    for k, v in options.items():
+        if isinstance(v, (list, tuple)) and len(v) != b:
+            raise InvalidInputError(f"option {k!r} has {len(v)} per-image values for a batch of {b} images")
     outs: list[Tensor] = []
     contexts: list[dict[str, Any]] = []
     for i in range(b):
         x = rgb[i : i + 1].float().clamp(0, 1)
+        # A list option gives one value per image (e.g. a sweep of MM-RealSR scores).
+        opts = {k: v[i] if isinstance(v, (list, tuple)) else v for k, v in options.items()}
         with torch.inference_mode():
-            ctx = desc.prepare(x.to(device, compute_dtype), **options)
+            ctx = desc.prepare(x.to(device, compute_dtype), **opts)
             y = run(x, ctx).clamp_(0, 1)
         contexts.append(ctx)
         if c == 1:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from realsr_core.errors import Cancelled, InvalidInputError
+from .errors import Cancelled, InvalidInputError
 
 __all__ = [
     "auto_tile_size",

@@ -1,53 +1,12 @@
-"""Shared test helpers: fixture paths, deterministic fixture weights, images shipped in packages."""
+"""pytest setup: the tests import ``helpers`` from this folder; tests/host/ runs only under ComfyUI."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-
-def _load_make_weights():
-    spec = importlib.util.spec_from_file_location("make_weights", FIXTURES / "make_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_weights = _load_make_weights()
-
-
-def fixture_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """The exact state dict a fixture's expected outputs were computed with."""
-    man = make_weights.load_manifest(str(FIXTURES / name / "manifest.json"))
-    return make_weights.make_state_dict(man, man["seed"])
-
-
-def fixture_meta(name: str) -> dict:
-    return json.loads((FIXTURES / name / "meta.json").read_text())
-
-
-def load_png(path: Path | str) -> torch.Tensor:
-    """(1, C, H, W) float32 value/255."""
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())[None]
-
-
-def skimage_photo(name: str) -> torch.Tensor:
-    """A real photo shipped inside scikit-image, (1, 3, H, W) in [0, 1]."""
-    data = pytest.importorskip("skimage.data")
-    arr = getattr(data, name)()
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, -1)
-    return torch.from_numpy(arr[..., :3].astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+# tests/host/ needs ComfyUI's interpreter; test_host.py runs it there when COMFYUI_PATH is set.
+collect_ignore = [] if os.environ.get("REALSR_HOST_SUITE") else ["host"]

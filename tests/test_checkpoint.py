@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fixture_state_dict, make_weights
+from helpers import fixture_state_dict, make_weights
 
 from realsr_core import CheckpointError, UnsupportedModelError, load_checkpoint, load_model
 

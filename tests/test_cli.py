@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, skimage_photo
+from helpers import ROOT, skimage_photo
 from PIL import Image
 
 from realsr_core.__main__ import main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fixture_state_dict, skimage_photo
+from helpers import fixture_state_dict, skimage_photo
 
 from realsr_core import Cancelled, InvalidInputError, load_model, upscale
 from realsr_core.models.mmrealsr import MMRealSRNet

@@ -1,0 +1,140 @@
+"""The one module that talks to ComfyUI: model folders, ModelPatcher wrapping, memory, progress, interrupt.
+
+Node files call these helpers and the core; nothing here holds method-specific logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+from torch import Tensor
+
+from ..realsr_core import ModelDescriptor, load_model, upscale
+from ..realsr_core.inference import TileSize
+
+log = logging.getLogger(__name__)
+
+FOLDER = "realsr"
+TILE_CHOICES = ["auto", "none", "128", "192", "256", "320", "384", "512", "768", "1024"]
+
+
+def register_model_folder() -> None:
+    """Register ``models/realsr`` without dropping paths ``extra_model_paths.yaml`` already gave it."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    paths, _ = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
+    if default not in paths:
+        paths = [*paths, default]
+    # add_model_folder_path on a new name would register an empty extension set (= every file).
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
+
+
+def model_files() -> list[str]:
+    """Checkpoint names from ``models/realsr`` then ``models/upscale_models`` (duplicates once)."""
+    names = list(folder_paths.get_filename_list(FOLDER))
+    names += [n for n in folder_paths.get_filename_list("upscale_models") if n not in names]
+    return names
+
+
+def resolve_model_file(name: str) -> str:
+    for folder in (FOLDER, "upscale_models"):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"model file {name!r} not found in models/{FOLDER} or models/upscale_models")
+
+
+@dataclass
+class RealSRModel:
+    """What travels on a model socket: the core descriptor plus its ComfyUI ModelPatcher."""
+
+    desc: ModelDescriptor
+    file: str
+    patcher: comfy.model_patcher.ModelPatcher
+
+    @property
+    def arch(self) -> str:
+        return self.desc.arch
+
+
+@dataclass
+class NotThisModel:
+    """Placed on a loader output whose family does not match the file, so the node can say why."""
+
+    wanted: str
+    found: str
+    file: str
+
+
+def load(name: str) -> RealSRModel:
+    """Load a checkpoint through the core and wrap it for ComfyUI's model management."""
+    desc = load_model(resolve_model_file(name))
+    load_device = mm.get_torch_device()
+    if load_device.type != "cpu":
+        # Half precision on the GPU where the model supports it (FeMaSR keeps its codebook search in fp32).
+        if desc.supports_half and mm.should_use_fp16(load_device):
+            desc.to(dtype=torch.float16)
+        elif desc.supports_bf16 and mm.should_use_bf16(load_device):
+            desc.to(dtype=torch.bfloat16)
+    patcher = comfy.model_patcher.ModelPatcher(desc.model, load_device=load_device, offload_device=mm.unet_offload_device())
+    return RealSRModel(desc, name, patcher)
+
+
+def require(model: Any, arch: str, label: str) -> RealSRModel:
+    """The model on a socket, or a clear error when the loader output carried another family."""
+    if isinstance(model, NotThisModel):
+        raise ValueError(
+            f"'{model.file}' is a {model.found} model, not {model.wanted}: connect the loader's "
+            f"{model.found} output to a {model.found} node instead"
+        )
+    if not isinstance(model, RealSRModel) or model.arch != arch:
+        raise ValueError(f"{label} needs a {arch} model from 'Load RealSR Model', got {type(model).__name__}")
+    return model
+
+
+def parse_tile(value: str) -> TileSize:
+    return "auto" if value == "auto" else None if value == "none" else int(value)
+
+
+def _offload(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Give the model's memory back once the node is done (the next node usually needs the GPU)."""
+    for i, loaded in enumerate(mm.current_loaded_models):
+        if loaded.model is patcher:
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+            break
+
+
+def _interrupt_check() -> bool:
+    mm.throw_exception_if_processing_interrupted()  # raises ComfyUI's own interrupt exception
+    return False
+
+
+def run_upscale(model: RealSRModel, image: Tensor, *, tile: str, overlap: int, **options: Any) -> tuple[Tensor, list[dict]]:
+    """Upscale a ComfyUI IMAGE [B, H, W, C] under model management; returns [B, sH, sW, C] and contexts."""
+    desc = model.desc
+    device = model.patcher.load_device
+    tile_size = parse_tile(tile)
+    h, w = image.shape[1:3]
+    # Memory for one tile's activations (the core picks the "auto" tile from what is free after loading).
+    side = min(max(h, w), 512) if tile_size in ("auto", None) else min(int(tile_size), max(h, w))
+    half = desc.dtype in (torch.float16, torch.bfloat16)
+    tile_bytes = int(desc.bytes_per_px * (side + 32) ** 2 * (0.5 if half else 1.0))
+    mm.load_models_gpu([model.patcher], memory_required=tile_bytes, force_full_load=True)
+    pbar = comfy.utils.ProgressBar(1)
+    try:
+        res = upscale(
+            desc, image.movedim(-1, 1), tile=tile_size, overlap=overlap, device=device, dtype=desc.dtype,
+            output_device=mm.intermediate_device(), progress=lambda d, t: pbar.update_absolute(d, t),
+            cancel=_interrupt_check, **options,
+        )
+    finally:
+        _offload(model.patcher)
+    return res.image.movedim(1, -1), res.context

@@ -1,0 +1,35 @@
+"""Load RealSR Model: any checkpoint the core supports, on the output of its family."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import host
+from .types import CATEGORY, LOADER_OUTPUTS, PREFIX
+
+
+class LoadRealSRModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{PREFIX}LoadModel",
+            display_name="Load RealSR Model",
+            category=CATEGORY,
+            description="Loads a FeMaSR or MM-RealSR checkpoint (official file names and containers) from "
+            "models/realsr or models/upscale_models. Only the output of the file's family carries the model.",
+            inputs=[
+                io.Combo.Input("model_name", options=host.model_files(),
+                               tooltip="Checkpoint in models/realsr (or models/upscale_models), e.g. "
+                               "FeMaSR_SRX4_model_g.pth or MMRealSRGAN.pth."),
+            ],
+            outputs=[t.Output(display_name=label, tooltip=f"The model when the file is {label}.")
+                     for _, t, label in LOADER_OUTPUTS],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str) -> io.NodeOutput:
+        model = host.load(model_name)
+        return io.NodeOutput(*[
+            model if arch == model.arch else host.NotThisModel(label, model.desc.name, model_name)
+            for arch, _, label in LOADER_OUTPUTS
+        ])

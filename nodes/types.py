@@ -1,0 +1,18 @@
+"""The pack's socket types: one per model family, so the graph refuses a wrong connection."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+FeMaSRModel = io.Custom("REALSR_FEMASR_MODEL")
+MMRealSRModel = io.Custom("REALSR_MMREALSR_MODEL")
+
+CATEGORY = "image/upscaling/RealSR"
+PREFIX = "RealSR_"
+
+# Loader outputs, in socket order: (core architecture id, socket type, label).  New families are
+# appended so saved workflows keep their links.
+LOADER_OUTPUTS = [
+    ("femasr", FeMaSRModel, "FeMaSR"),
+    ("mmrealsr", MMRealSRModel, "MM-RealSR"),
+]
