@@ -83,7 +83,13 @@ def read_file(path: str | os.PathLike[str]) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{p.name}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True)
+        try:
+            # mmap: multi-GB Lightning checkpoints are read lazily, so the tensors a loader drops are never copied.
+            return torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only the legacy (pre-zip) format lacks mmap support
+                raise
+            return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses globals it does not know: this is where a malicious pickle stops.
         lines = [ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()]

@@ -112,6 +112,8 @@ def upscale(
         an ``UpscaleResult``: the image (B, C, H*s, W*s) clamped to [0, 1] on ``output_device``,
         float32, and per-image ``prepare`` results (e.g. the MM-RealSR scores used).
     """
+    if desc.purpose == "Module":
+        raise InvalidInputError(f"{desc.name} is not an image model on its own; it runs inside its own pipeline")
     validate_image(image, desc)
     if desc.in_channels != 3:
         raise InvalidInputError(f"{desc.name} takes {desc.in_channels}-channel input; only RGB models are run here")
