@@ -9,10 +9,11 @@ from .colorfix import ColorFix
 from .femasr import FeMaSRUpscale
 from .loaders import LoadRealSRModel
 from .mmrealsr import MMRealSRModulate
+from .stablesr import StableSRSampler
 
 host.register_model_folder()  # before any define_schema lists the folder's files
 
-NODES: list[type[io.ComfyNode]] = [LoadRealSRModel, FeMaSRUpscale, MMRealSRModulate, ColorFix]
+NODES: list[type[io.ComfyNode]] = [LoadRealSRModel, FeMaSRUpscale, MMRealSRModulate, ColorFix, StableSRSampler]
 
 
 class RealSRExtension(ComfyExtension):

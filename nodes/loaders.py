@@ -15,12 +15,13 @@ class LoadRealSRModel(io.ComfyNode):
             node_id=f"{PREFIX}LoadModel",
             display_name="Load RealSR Model",
             category=CATEGORY,
-            description="Loads a FeMaSR or MM-RealSR checkpoint (official file names and containers) from "
-            "models/realsr or models/upscale_models. Only the output of the file's family carries the model.",
+            description="Loads a FeMaSR, MM-RealSR, StableSR module or CFW VAE checkpoint (official file names and "
+            "containers) from models/realsr or models/upscale_models. Only the output of the file's family carries "
+            "the model.",
             inputs=[
                 io.Combo.Input("model_name", options=host.model_files(),
                                tooltip="Checkpoint in models/realsr (or models/upscale_models), e.g. "
-                               "FeMaSR_SRX4_model_g.pth or MMRealSRGAN.pth."),
+                               "FeMaSR_SRX4_model_g.pth, MMRealSRGAN.pth, stablesr_000117.ckpt or vqgan_cfw_00011.ckpt."),
             ],
             outputs=[t.Output(display_name=label, tooltip=f"The model when the file is {label}.")
                      for _, t, label in LOADER_OUTPUTS],

@@ -6,6 +6,8 @@ from comfy_api.latest import io
 
 FeMaSRModel = io.Custom("REALSR_FEMASR_MODEL")
 MMRealSRModel = io.Custom("REALSR_MMREALSR_MODEL")
+StableSRModule = io.Custom("REALSR_STABLESR_MODULE")
+CFWVae = io.Custom("REALSR_CFW_VAE")
 
 CATEGORY = "image/upscaling/RealSR"
 PREFIX = "RealSR_"
@@ -15,4 +17,6 @@ PREFIX = "RealSR_"
 LOADER_OUTPUTS = [
     ("femasr", FeMaSRModel, "FeMaSR"),
     ("mmrealsr", MMRealSRModel, "MM-RealSR"),
+    ("stablesr", StableSRModule, "StableSR"),
+    ("stablesr_cfw", CFWVae, "CFW VAE"),
 ]

@@ -15,9 +15,11 @@ from .errors import UnsupportedModelError
 
 def architectures() -> list[Architecture]:
     """All architectures, in detection order (more specific key sets first)."""
-    from .models import femasr, mmrealsr
+    from .models import femasr, mmrealsr, stablesr
+    from .models.stablesr import cfw as stablesr_cfw
 
-    return [mmrealsr.ARCHITECTURE, femasr.ARCHITECTURE]
+    # The VAEs last: "sd_vae" takes any LDM-layout VAE that has no CFW layers.
+    return [stablesr.ARCHITECTURE, mmrealsr.ARCHITECTURE, femasr.ARCHITECTURE, *stablesr_cfw.ARCHITECTURES]
 
 
 def detect(state_dict: StateDict) -> Architecture | None:

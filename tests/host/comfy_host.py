@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT, fixture_state_dict, make_weights
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")

@@ -25,7 +25,7 @@ def loaded(comfy):
 
 def test_pack_registered_with_prefixed_ids(comfy) -> None:
     ours = sorted(k for k in comfy.nodes if k.startswith(PREFIX))
-    assert ours == sorted(f"{PREFIX}{n}" for n in ("LoadModel", "FeMaSRUpscale", "MMRealSRModulate", "ColorFix"))
+    assert ours == sorted(f"{PREFIX}{n}" for n in ("LoadModel", "FeMaSRUpscale", "MMRealSRModulate", "ColorFix", "StableSRSampler"))
     for name in ours:
         schema = comfy.nodes[name].define_schema()
         assert schema.category.startswith("image/upscaling/RealSR")
@@ -39,7 +39,8 @@ def test_loader_lists_files_and_types_outputs(comfy, loaded) -> None:
     schema = comfy.nodes[f"{PREFIX}LoadModel"].define_schema()
     files = schema.inputs[0].options
     assert {"FeMaSR_SRX4_model_g.pth", "MMRealSRGAN.pth"} <= set(files)
-    assert [o.get_io_type() for o in schema.outputs] == ["REALSR_FEMASR_MODEL", "REALSR_MMREALSR_MODEL"]
+    assert [o.get_io_type() for o in schema.outputs] == ["REALSR_FEMASR_MODEL", "REALSR_MMREALSR_MODEL",
+                                                          "REALSR_STABLESR_MODULE", "REALSR_CFW_VAE"]
     assert loaded["femasr"].desc.name == "FeMaSR x4"
     assert type(loaded["femasr_outputs"][1]).__name__ == "NotThisModel"
 

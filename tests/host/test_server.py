@@ -139,7 +139,12 @@ def test_shipped_workflow_runs(server, workflow: Path) -> None:
     ui = json.loads(workflow.read_text())
     missing = {n["type"] for n in ui["nodes"]} - set(server.object_info)
     assert not missing, f"{workflow.name} uses nodes the server does not have: {missing}"
-    entry = server.run(to_api(ui, server.object_info))
+    prompt = to_api(ui, server.object_info)
+    if any(n["type"] == "CheckpointLoaderSimple" for n in ui["nodes"]):
+        pytest.skip(f"{workflow.name} needs a real Stable Diffusion 2.1 checkpoint: ComfyUI's checkpoint loader only "
+                    "detects full-size SD2 UNets, so no small fixture can stand in (the StableSR Sampler runs in "
+                    "process on a tiny SD2-structured UNet in test_stablesr_host.py)")
+    entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = _saved_images(server, entry)
     expected_batch = 5 if "sweep" in workflow.stem else 1

@@ -7,6 +7,9 @@ would flip codes.  The codes are then gathered (no one-hot matrix product) in th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +17,20 @@ __all__ = ["VectorQuantizer", "nearest_code"]
 
 # Distance-matrix elements computed at once (float32: 16 MiB), which bounds the search's memory.
 _CHUNK_ELEMENTS = 1 << 22
+
+
+@contextmanager
+def _ieee_float32_matmul(device: torch.device) -> Iterator[None]:
+    """Keep CUDA float32 matmuls in full precision (hosts may enable TF32 globally)."""
+    if device.type != "cuda":
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def nearest_code(z: Tensor, codebook: Tensor, chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
@@ -28,7 +45,7 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elements: int = _CHUNK_ELEME
         chunk_elements: at most this many distances are held at once (rows are processed in chunks).
 
     Returns:
-        (N,) int64 indices in [0, K); ties go to the lowest index.
+        (N,) int64 indices in [0, K).
     """
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
@@ -37,10 +54,11 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elements: int = _CHUNK_ELEME
     e_t = e.t()
     rows = max(1, chunk_elements // max(1, e.shape[0]))
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    for start in range(0, z.shape[0], rows):
-        zc = z[start : start + rows].float()
-        d = torch.addmm(e_sq, zc, e_t, beta=1.0, alpha=-2.0)  # (rows, K)
-        torch.argmin(d, dim=1, out=out[start : start + rows])
+    with _ieee_float32_matmul(z.device):
+        for start in range(0, z.shape[0], rows):
+            zc = z[start : start + rows].float()
+            d = torch.addmm(e_sq, zc, e_t, beta=1.0, alpha=-2.0)  # (rows, K)
+            torch.argmin(d, dim=1, out=out[start : start + rows])
     return out
 
 

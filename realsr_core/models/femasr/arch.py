@@ -8,7 +8,6 @@ the symmetric mirror (flipped copy, edge pixel repeated) to ``(h // wsz + 1) * w
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
@@ -277,9 +276,6 @@ def _own(t: Tensor, like: Tensor) -> Tensor:
     return t.detach().to(device="cpu", dtype=dtype, memory_format=fmt, copy=True)
 
 
-_LEFTOVER_RE = re.compile("^(" + "|".join(re.escape(p) for p in LEFTOVER_PREFIXES) + ")")
-
-
 def load(state_dict: StateDict) -> FeMaSRDescriptor:
     """Build FeMaSR from a canonical state dict, inferring its configuration from the shapes.
 
@@ -290,8 +286,8 @@ def load(state_dict: StateDict) -> FeMaSRDescriptor:
     Raises:
         UnsupportedModelError: not a FeMaSR layout this network can run.
     """
-    ignored = [k for k in state_dict if _LEFTOVER_RE.match(k)]
-    sd = {k: v for k, v in state_dict.items() if not _LEFTOVER_RE.match(k)}
+    ignored = [k for k in state_dict if k.startswith(LEFTOVER_PREFIXES)]
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(LEFTOVER_PREFIXES)}
     config = infer_config(sd)
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = FeMaSRNet(config)

@@ -1,0 +1,380 @@
+"""StableSR inside ComfyUI's own sampling: SFT injection, LR latent as conditioning, per-step tiling.
+
+ComfyUI glue only; the method lives in ``realsr_core`` (SFT forward, time-aware encoder, respaced
+DDPM, tile plan and weights).  Everything is attached to a *clone* of the host MODEL:
+
+* the StableSR module rides along as an additional model (loaded / offloaded with the UNet);
+* an injection sets an instance ``_forward`` on each modulated ResBlock while the clone is loaded
+  and deletes it on ejection (the class method is untouched: no global monkeypatching);
+* the scaled LR latent travels as a ``CONDNoiseShape`` model cond, so ComfyUI batches it with cond /
+  uncond, crops it with every area and hands it to the diffusion model as a keyword argument;
+* a DIFFUSION_MODEL wrapper runs the time-aware encoder on that crop for each UNet call;
+* a CALC_COND_BATCH wrapper splits each cond into the official canvas tiles (area + Gaussian mask),
+  so ComfyUI's ``_calc_cond_batch`` runs and blends the tiles: ``sum(x0 * W) / sum(W)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import comfy.conds
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+import torch.nn.functional as F
+from comfy.patcher_extension import PatcherInjection, WrappersMP
+from torch import Tensor, nn
+
+from ..realsr_core import color_fix
+from ..realsr_core.diffusion import gaussian_weights, make_schedule, plan_latent_tiles
+from ..realsr_core.diffusion.ve import ddpm_ve_sigmas, lr_start_ve, sample_ddpm_ve
+from ..realsr_core.models.stablesr import StableSRModule, bind_sft_forward
+from .host import RealSRModel
+from .host import _offload as host_offload
+
+log = logging.getLogger(__name__)
+
+KEY = "realsr_stablesr"
+LR_COND = "realsr_stablesr_lr"
+SAMPLER_DDPM = "stablesr_ddpm"
+STARTS = ["lr_latent", "noise"]
+COLOR_FIXES = ["wavelet", "adain", "none"]
+PAD_MULTIPLE = 32  # pixels; the official script reflect-pads right / bottom to a multiple of 32
+
+
+# ---------------------------------------------------------------------------- model patching
+class _SFTState:
+    """The condition of the UNet call in progress (None outside a StableSR call: blocks run plain)."""
+
+    __slots__ = ("cond",)
+
+    def __init__(self) -> None:
+        self.cond: Any = None
+
+
+def resblock(unet: nn.Module, path: str) -> nn.Module:
+    """The ResBlock at ``path`` ("input_blocks.1.0", "middle_block.2", ...) of a ComfyUI UNetModel."""
+    return functools.reduce(lambda m, name: getattr(m, name), path.split("."), unet)
+
+
+def check_fit(unet: nn.Module, module: StableSRModule) -> None:
+    """Raise a clear error when the module's SFT layers do not match the MODEL's UNet."""
+    bad: list[str] = []
+    for path, layer in module.sft_layers:
+        try:
+            block = resblock(unet, path)
+        except (AttributeError, IndexError):
+            bad.append(f"{path} (missing)")
+            continue
+        if not all(hasattr(block, a) for a in ("in_layers", "out_layers", "skip_connection")):
+            bad.append(f"{path} (not a ResBlock)")
+        elif getattr(block, "out_channels", layer.channels) != layer.channels:
+            bad.append(f"{path} ({block.out_channels} channels, module {layer.channels})")
+    if bad:
+        raise ValueError(
+            "the StableSR module does not fit this MODEL's UNet (it needs a Stable Diffusion 2.x UNet: "
+            f"SD 2.1 512 for the 512 module, 768-v for the 768 module); mismatching blocks: {bad[:4]}"
+        )
+
+
+def _injection(module: StableSRModule, state: _SFTState) -> PatcherInjection:
+    saved: dict[str, Any] = {}  # path -> previous instance _forward (another pack's), restored on eject
+
+    def inject(patcher: comfy.model_patcher.ModelPatcher) -> None:
+        unet = patcher.model.diffusion_model
+        for path, layer in module.sft_layers:
+            block = resblock(unet, path)
+            if "_forward" in block.__dict__:
+                saved[path] = block.__dict__["_forward"]
+            plain = block._forward  # the class method (or a previous instance override), bound
+            with_sft = bind_sft_forward(block, layer, lambda: state.cond)
+
+            def forward(x: Tensor, emb: Tensor, *args: Any, _plain=plain, _sft=with_sft, **kwargs: Any) -> Tensor:
+                if state.cond is None:  # not a StableSR call (e.g. another sampler on this clone)
+                    return _plain(x, emb, *args, **kwargs)
+                return _sft(x, emb, *args, **kwargs)
+
+            block._forward = forward
+
+    def eject(patcher: comfy.model_patcher.ModelPatcher) -> None:
+        unet = patcher.model.diffusion_model
+        for path, _ in module.sft_layers:
+            block = resblock(unet, path)
+            block.__dict__.pop("_forward", None)
+            if path in saved:
+                block._forward = saved.pop(path)
+
+    return PatcherInjection(inject=inject, eject=eject)
+
+
+def _diffusion_wrapper(module: StableSRModule, state: _SFTState) -> Callable[..., Tensor]:
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        lr = kwargs.pop(LR_COND, None)
+        mm.throw_exception_if_processing_interrupted()  # once per UNet call = per tile batch
+        if lr is None:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        p = next(module.parameters())
+        if p.device != x.device:  # a low-VRAM partial load leaves plain nn.Modules where they are
+            module.to(x.device)
+        # ``timesteps`` are the discrete 0..999 model timesteps (the official ori_timesteps); the LR
+        # latent is cropped and batched exactly like x (cond / uncond chunks, tiles).
+        state.cond = module.encoder.forward_by_shape(lr, timesteps)
+        try:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        finally:
+            state.cond = None
+
+    return wrapper
+
+
+class _Tiler:
+    """CALC_COND_BATCH wrapper: one cond copy per official canvas tile, Gaussian weights as its mask."""
+
+    def __init__(self, tile: int, overlap: int) -> None:
+        self.tile, self.overlap = tile, overlap
+        self._cache: dict[tuple, tuple[Any, list[Tensor]]] = {}
+
+    def plan_and_masks(self, height: int, width: int, device: torch.device):
+        key = (height, width, str(device))
+        if key not in self._cache:
+            plan = plan_latent_tiles(height, width, self.tile, self.overlap)
+            w = gaussian_weights(plan.tile_h, plan.tile_w, dtype=torch.float32).to(device)
+            masks = []
+            for y0, y1, x0, x1 in plan.tiles:
+                m = torch.zeros((1, height, width), dtype=torch.float32, device=device)
+                m[0, y0:y1, x0:x1] = w
+                masks.append(m)
+            self._cache = {key: (plan, masks)}  # one canvas size per run
+        return self._cache[key]
+
+    def split(self, conds: list[dict] | None, plan, masks: list[Tensor]) -> list[dict] | None:
+        if conds is None:
+            return None
+        out: list[dict] = []
+        for c in conds:
+            # A cond that already has its own area or mask (regional prompting) or is a "default" cond
+            # stays untiled: its region is the user's, and nesting our tiles in it is not defined.
+            if LR_COND not in c.get("model_conds", {}) or "area" in c or "mask" in c or "default" in c:
+                out.append(c)
+                continue
+            for (y0, y1, x0, x1), mask in zip(plan.tiles, masks, strict=True):
+                t = c.copy()
+                # get_area_and_mult: crops x, the mask and every model cond (our LR latent) to the area;
+                # with a mask there is no edge feathering, so mult = the Gaussian weights of the tile.
+                t["area"] = (y1 - y0, x1 - x0, y0, x0)
+                t["mask"] = mask
+                t["mask_strength"] = 1.0
+                out.append(t)
+        return out
+
+    def __call__(self, executor, model, conds, x_in, timestep, model_options):
+        plan, masks = self.plan_and_masks(int(x_in.shape[-2]), int(x_in.shape[-1]), x_in.device)
+        if len(plan) > 1:
+            conds = [self.split(c, plan, masks) for c in conds]
+        return executor(model, conds, x_in, timestep, model_options)
+
+
+def patch_model(model: comfy.model_patcher.ModelPatcher, sr: RealSRModel, tile: int, overlap: int):
+    """A clone of the host MODEL that samples with StableSR (the input MODEL is not changed)."""
+    module: StableSRModule = sr.desc.model
+    check_fit(model.model.diffusion_model, module)
+    m = model.clone()
+    state = _SFTState()
+    m.set_additional_models(KEY, [sr.patcher])
+    m.set_injections(KEY, [_injection(module, state)])
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, _diffusion_wrapper(module, state))
+    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, KEY, _Tiler(tile, overlap))
+    return m
+
+
+# ---------------------------------------------------------------------------- conditioning
+def is_v_prediction(model: comfy.model_patcher.ModelPatcher) -> bool:
+    import comfy.model_sampling as ms
+
+    return isinstance(model.get_model_object("model_sampling"), ms.V_PREDICTION)
+
+
+def auto_tiles(model: comfy.model_patcher.ModelPatcher, tile: int, overlap: int) -> tuple[int, int]:
+    """0 = the official value: 64 / 32 latent pixels for 512 models, 96 / 48 for 768-v."""
+    big = is_v_prediction(model)
+    tile = tile or (96 if big else 64)
+    overlap = overlap or (48 if big else 32)
+    if overlap >= tile:
+        raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile})")
+    return tile, overlap
+
+
+def empty_conditioning(model: comfy.model_patcher.ModelPatcher) -> list:
+    """An all-zero context of the UNet's width (77 tokens); not the official empty prompt."""
+    dim = model.model.model_config.unet_config.get("context_dim") or 1024
+    return [[torch.zeros((1, 77, int(dim))), {}]]
+
+
+def with_lr_latent(conditioning: list, scaled_lr: Tensor) -> list:
+    """Copies of the conditioning whose model conds carry the scaled LR latent."""
+    out = []
+    for emb, opts in conditioning:
+        opts = opts.copy()
+        mc = dict(opts.get("model_conds", {}))
+        mc[LR_COND] = comfy.conds.CONDNoiseShape(scaled_lr)
+        opts["model_conds"] = mc
+        out.append([emb, opts])
+    return out
+
+
+# ---------------------------------------------------------------------------- images and latents
+def prepare_image(image: Tensor, upscale: float) -> tuple[Tensor, Tensor]:
+    """IMAGE [B,H,W,C] -> (bicubic-upscaled NCHW RGB in [0,1], the same reflect-padded to 32 px).
+
+    Alpha is dropped, gray is repeated to RGB.  The official script pads to a multiple of 32 px (not
+    just the VAE's 8), so the latent is a multiple of 4 like the official one; the padding is cropped
+    after decoding.
+    """
+    x = image[..., :3].movedim(-1, 1).float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = round(x.shape[-2] * upscale), round(x.shape[-1] * upscale)
+    if h < 8 or w < 8:
+        raise ValueError(f"the upscaled image would be {w}x{h}; StableSR needs at least 8x8 pixels")
+    up = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1) if (h, w) != x.shape[-2:] else x
+    ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+    padded = up
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        padded = F.pad(up, (0, pw, 0, ph), mode=mode)
+    return up, padded
+
+
+def encode(vae, padded: Tensor) -> Tensor:
+    """ComfyUI VAE encode of NCHW [0,1] pixels -> the unscaled latent (ComfyUI's LATENT convention)."""
+    return vae.encode(padded.movedim(1, -1))
+
+
+def sample(
+    m: comfy.model_patcher.ModelPatcher,
+    latent: Tensor,
+    positive: list,
+    negative: list,
+    *,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    start: str,
+    start_noise: Tensor | None = None,
+    step_noises: Tensor | None = None,
+) -> Tensor:
+    """Sample the patched clone from the LR latent; returns the unscaled latent (intermediate device).
+
+    ``start_noise`` / ``step_noises`` replace the seeded draws (tests, parity with the official run).
+    """
+    scaled = m.model.process_latent_in(latent.float())
+    pos = with_lr_latent(positive, scaled)
+    neg = with_lr_latent(negative, scaled)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    eps = torch.randn(latent.shape, generator=gen, dtype=torch.float32) if start_noise is None else start_noise
+    ddpm = sampler_name == SAMPLER_DDPM
+    if ddpm:
+        sigmas = ddpm_ve_sigmas(make_schedule(steps))
+    else:
+        sigmas = comfy.samplers.KSampler(m, steps=steps, device=m.load_device, sampler=sampler_name,
+                                         scheduler=scheduler, denoise=1.0, model_options=m.model_options).sigmas
+    if start == "lr_latent":
+        # After process_latent_in and noise_scaling(zero noise) ComfyUI's sampler starts at exactly
+        # z_lr + sigma_0 * eps, the VE form of the official q_sample(z_lr, 999).
+        latent_image = m.model.process_latent_out(lr_start_ve(scaled, eps.to(scaled.device), float(sigmas[0])))
+        noise = torch.zeros_like(latent_image)
+    else:
+        latent_image = torch.zeros_like(latent)
+        noise = eps
+    callback = latent_preview.prepare_callback(m, len(sigmas) - 1)
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    if ddpm:
+        fn = functools.partial(_ddpm_function, generator=gen, noises=step_noises)
+        sampler = comfy.samplers.KSAMPLER(fn)
+        return comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, pos, neg, latent_image,
+                                          callback=callback, disable_pbar=disable_pbar, seed=seed)
+    return comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, pos, neg, latent_image,
+                               denoise=1.0, callback=callback, disable_pbar=disable_pbar, seed=seed)
+
+
+def _ddpm_function(model, x, sigmas, extra_args=None, callback=None, disable=None, generator=None, noises=None):
+    return sample_ddpm_ve(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          generator=generator, noises=noises)
+
+
+def decode_cfw(cfw: RealSRModel, samples: Tensor, padded: Tensor, weight: float) -> Tensor:
+    """CFW decode: the LR image's CFW-encoder features fused into the decoder; NCHW [0,1] (not clamped)."""
+    desc = cfw.desc
+    x = padded * 2 - 1
+    need = int(desc.bytes_per_px * x.shape[-2] * x.shape[-1] // (desc.downscale**2))  # per image, latent px
+    mm.load_models_gpu([cfw.patcher], memory_required=need, force_full_load=True)
+    device = cfw.patcher.load_device
+    try:
+        outs = []
+        for b in range(x.shape[0]):  # one image at a time: the fusion features are large
+            mm.throw_exception_if_processing_interrupted()
+            xb = x[b : b + 1].to(device=device, dtype=desc.dtype)
+            feats = desc.encode(xb, return_features=True)[2]
+            zb = samples[b : b + 1].to(device=device, dtype=desc.dtype)
+            outs.append(desc.decode(zb, feats, weight).float().to(mm.intermediate_device()))
+    finally:
+        host_offload(cfw.patcher)
+    return (torch.cat(outs) + 1) / 2
+
+
+def decode(vae, samples: Tensor, size: tuple[int, int], reference: Tensor, method: str,
+           cfw: RealSRModel | None = None, padded: Tensor | None = None, cfw_weight: float = 0.5) -> Tensor:
+    """VAE (or CFW) decode, crop the padding, colour-fix against the upscaled LR image; IMAGE [B,H,W,3]."""
+    if cfw is not None and padded is not None:
+        img = decode_cfw(cfw, samples, padded, cfw_weight)
+    else:
+        img = vae.decode(samples)
+        if img.ndim == 5:  # video VAEs return [B, T, H, W, C]
+            img = img.reshape(-1, *img.shape[-3:])
+        img = img.movedim(-1, 1)
+    h, w = size
+    img = img[:, :3, :h, :w].float()
+    if method != "none":
+        img = color_fix(img, reference.to(img.device, img.dtype), method=method)
+    return img.clamp(0, 1).movedim(1, -1).to(mm.intermediate_device())
+
+
+def run(
+    model, sr: RealSRModel, vae, image: Tensor, *, upscale: float, seed: int, steps: int, sampler_name: str,
+    scheduler: str, cfg: float, start: str, tile_size: int, tile_overlap: int, color_fix_method: str,
+    positive: list | None, negative: list | None, cfw: RealSRModel | None = None, cfw_weight: float = 0.5,
+) -> tuple[Tensor, Tensor]:
+    """The whole node: (IMAGE, unscaled latent samples)."""
+    with torch.no_grad():
+        return _run(model, sr, vae, image, upscale=upscale, seed=seed, steps=steps, sampler_name=sampler_name,
+                    scheduler=scheduler, cfg=cfg, start=start, tile_size=tile_size, tile_overlap=tile_overlap,
+                    color_fix_method=color_fix_method, positive=positive, negative=negative, cfw=cfw,
+                    cfw_weight=cfw_weight)
+
+
+def _run(model, sr, vae, image, *, upscale, seed, steps, sampler_name, scheduler, cfg, start, tile_size,
+         tile_overlap, color_fix_method, positive, negative, cfw, cfw_weight) -> tuple[Tensor, Tensor]:
+    tile, overlap = auto_tiles(model, tile_size, tile_overlap)
+    up, padded = prepare_image(image, upscale)
+    latent = encode(vae, padded)
+    positive = positive if positive is not None else empty_conditioning(model)
+    negative = negative if negative is not None else empty_conditioning(model)
+    m = patch_model(model, sr, tile, overlap)
+    try:
+        samples = sample(m, latent, positive, negative, seed=seed, steps=steps, cfg=cfg,
+                         sampler_name=sampler_name, scheduler=scheduler, start=start)
+    finally:
+        # The clone may stay cached as loaded; take the SFT hooks off the shared UNet right away.
+        m.eject_model()
+    out = decode(vae, samples, tuple(up.shape[-2:]), up, color_fix_method, cfw=cfw, padded=padded,
+                 cfw_weight=cfw_weight)
+    return out, samples
