@@ -62,7 +62,6 @@ def photo(size: int):
     import numpy as np
     import torch
     from PIL import Image
-
     from skimage import data
 
     img = Image.fromarray(data.astronaut())
