@@ -64,8 +64,11 @@ __all__ = [
 # The official scripts' and the paper's default fidelity weight (``--dec_w 0.5``).
 DEFAULT_FIDELITY: float = 0.5
 _FUSION_KEY = "decoder.fusion_layer_{}.encode_enc_1.conv1.weight"
-# Rough peak float32 activation bytes per *output* pixel of a decode, for tile-size budgets.
-_DECODE_BYTES_PER_PX = 4096.0
+# Peak float32 activation bytes of a whole-image decode per *latent* pixel (the decode's input, as
+# ``ModelDescriptor.bytes_per_px`` is defined), measured on CPU with the 128-channel VAE at 256x256 px: about
+# 4.5 KB per output pixel for the plain decoder and 5.6 KB with the CFW fusion (the encoder features, 384 B
+# per output pixel, not included; an encode peaks at ~3.1 KB per image pixel).  Rounded up, x 64 px per latent px.
+_DECODE_BYTES_PER_LATENT_PX = {False: 5120.0 * 64, True: 6144.0 * 64}
 
 
 def check_fidelity(w: float) -> float:
@@ -263,7 +266,8 @@ class VAEDescriptor(ModelDescriptor):
 
     Images are in the model's space, [-1, 1] (``2 * image01 - 1``), RGB, NCHW; latents are *unscaled*
     (multiply by :data:`~.vae.SD_LATENT_SCALE` for the diffusion model).  ``forward`` refuses to run: this is
-    not an upscaler.
+    not an upscaler.  ``bytes_per_px`` is the float32 peak of a whole-image decode per *latent* pixel (CPU
+    measurement; add the CFW features, 96 values per image pixel, when they are held on the same device).
     """
 
     model: AutoencoderKL
@@ -527,7 +531,7 @@ def load_vae(state_dict: StateDict) -> VAEDescriptor:
         supports_bf16=True,
         config=config,
         ignored_keys=ignored,
-        bytes_per_px=_DECODE_BYTES_PER_PX * (config["ch"] / 128.0),
+        bytes_per_px=_DECODE_BYTES_PER_LATENT_PX[cfw] * (config["ch"] / 128.0),
     )
 
 
