@@ -6,17 +6,16 @@ Weights are rebuilt with ``tests/fixtures/make_weights.py``; every model is buil
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_weights
 from PIL import Image
 
 from realsr_core.errors import InvalidInputError, UnsupportedModelError
@@ -34,15 +33,9 @@ EXPECTED = {  # (scale, stem channels, stride-2 blocks, purpose, name, size_mult
 }
 
 
-def _make_weights() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("femasr_make_weights", FIXTURES / "make_weights.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-MW = _make_weights()
+MW = make_weights
 
 
 def _manifest(name: str) -> dict[str, Any]:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from helpers import make_weights
 from PIL import Image
 from torch import Tensor
 
@@ -38,16 +37,10 @@ SMALL = {
 }
 
 
-def _make_weights() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_weights", FIXTURES / "make_weights.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _manifest(name: str) -> dict[str, Any]:
-    return _make_weights().load_manifest(str(FIXTURES / name / "manifest.json"))
+    return make_weights.load_manifest(str(FIXTURES / name / "manifest.json"))
 
 
 def _meta_state_dict(manifest: dict[str, Any]) -> dict[str, Tensor]:
@@ -72,7 +65,7 @@ def _small_state_dict(seed: int, **overrides: Any) -> dict[str, Tensor]:
 
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, Tensor]:
-    mw = _make_weights()
+    mw = make_weights
     man = _manifest("mmrealsr_x4")
     return mw.make_state_dict(man, man["seed"])
 

@@ -4,17 +4,16 @@ configuration inference, loading from both released containers, detection and th
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import weakref
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_weights
 from torch import Tensor, nn
 
 from realsr_core import registry
@@ -45,15 +44,9 @@ TIMESTEPS = sorted({case["timestep"] for case in ENC_CASES.values()}, reverse=Tr
 TINY_HEADS = 2  # stablesr_sampling's encoder config (the weights do not record it)
 
 
-def _make_weights() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_weights", FIXTURES / "make_weights.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-MW = _make_weights()
+MW = make_weights
 
 
 def _manifest(name: str) -> dict[str, Any]:
