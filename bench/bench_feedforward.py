@@ -151,8 +151,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", nargs="+", default=["femasr_x4", "mmrealsr_x4"])
     p.add_argument("--tiled-size", type=int, default=512, help="input size of the tiled run (x4 -> 2048)")
-    p.add_argument("--tiles", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--tiles", type=int, nargs="*", default=[128, 256])
     p.add_argument("--json", default=None)
+    p.add_argument("--official-max-size", type=int, default=256,
+                   help="time our official inference path only up to this input size (it costs a full extra run)")
     a = p.parse_args()
     if a.worker:
         impl, ckpt, size, device, repeats, mode = a.worker
@@ -173,8 +175,10 @@ def main() -> None:
             s_out, o_out = str(tmp / "s.pt"), str(tmp / "o.pt")
             sp = run_sub("spandrel", ckpt, str(size), a.device, rep, "raw", save=s_out)
             ours = run_sub("ours", ckpt, str(size), a.device, rep, "raw", save=o_out)
-            off = run_sub("ours", ckpt, str(size), a.device, rep, "official")
+            off = (run_sub("ours", ckpt, str(size), a.device, rep, "official")
+                   if size <= a.official_max_size else {"seconds": None})
             diff = (torch.load(s_out) - torch.load(o_out)).abs().max().item()
+            print(json.dumps({"spandrel": sp, "ours": ours}), file=sys.stderr, flush=True)
             row = {"model": fixture, "size": size, "spandrel_s": sp["seconds"], "ours_s": ours["seconds"],
                    "ours_official_path_s": off["seconds"], "time_ratio": ours["seconds"] / sp["seconds"],
                    "spandrel_peak_mib": sp["peak_mib"], "ours_peak_mib": ours["peak_mib"],

@@ -62,6 +62,11 @@ class StableSRSampler(io.ComfyNode):
                                       "(connect CLIP Text Encode of an empty prompt for the official setup)."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Negative conditioning for cfg > 1. Unconnected: an all-zero context."),
+                io.Combo.Input("tiled_vae", options=stablesr_host.TILED_VAE, default="auto",
+                               tooltip="Encode / decode (and CFW) window by window with GroupNorm statistics "
+                               "shared by all windows, so large images neither run out of memory nor show "
+                               "tone differences between tiles. auto: above 2 megapixels or when a "
+                               "whole-image decode would not fit in free memory."),
                 CFWVae.Input("cfw_vae", optional=True,
                              tooltip="Optional CFW VAE (vqgan_cfw_00011.ckpt) from 'Load RealSR Model'."),
             ],
@@ -74,12 +79,14 @@ class StableSRSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, stablesr, vae, image, upscale: float, seed: int, steps: int, sampler_name: str,
                 scheduler: str, cfg: float, start: str, tile_size: int, tile_overlap: int, color_fix: str,
-                cfw_weight: float, positive=None, negative=None, cfw_vae=None) -> io.NodeOutput:
+                cfw_weight: float, tiled_vae: str = "auto", positive=None, negative=None,
+                cfw_vae=None) -> io.NodeOutput:
         sr = host.require(stablesr, "stablesr", "StableSR Sampler")
         cfw = host.require(cfw_vae, "stablesr_cfw", "StableSR Sampler") if cfw_vae is not None else None
         out, samples = stablesr_host.run(
             model, sr, vae, image, upscale=upscale, seed=seed, steps=steps, sampler_name=sampler_name,
             scheduler=scheduler, cfg=cfg, start=start, tile_size=tile_size, tile_overlap=tile_overlap,
             color_fix_method=color_fix, positive=positive, negative=negative, cfw=cfw, cfw_weight=cfw_weight,
+            tiled_vae=tiled_vae,
         )
         return io.NodeOutput(out, {"samples": samples})

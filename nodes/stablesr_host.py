@@ -34,9 +34,10 @@ from torch import Tensor, nn
 
 from ..realsr_core import color_fix
 from ..realsr_core.diffusion import gaussian_weights, make_schedule, plan_latent_tiles
+from ..realsr_core.diffusion.tiled_vae import tiled_decode, tiled_encode
 from ..realsr_core.diffusion.ve import ddpm_ve_sigmas, lr_start_ve, sample_ddpm_ve
 from ..realsr_core.models.stablesr import StableSRModule, bind_sft_forward
-from .host import RealSRModel
+from .host import RealSRModel, _interrupt_check
 from .host import _offload as host_offload
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ LR_COND = "realsr_stablesr_lr"
 SAMPLER_DDPM = "stablesr_ddpm"
 STARTS = ["lr_latent", "noise"]
 COLOR_FIXES = ["wavelet", "adain", "none"]
+TILED_VAE = ["auto", "on", "off"]
+# "auto" tiles the VAE above this many output pixels (2 MP: a 1448x1448 image), or earlier when the
+# host's own estimate of a whole-image decode does not fit in free memory.
+TILED_VAE_AUTO_PIXELS = 2 * 1024 * 1024
+VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, VAE_ENCODE_CONTEXT = 512, 64, 64  # image pixels
+VAE_DECODE_TILE, VAE_DECODE_OVERLAP, VAE_DECODE_CONTEXT = 64, 8, 8  # latent pixels
 PAD_MULTIPLE = 32  # pixels; the official script reflect-pads right / bottom to a multiple of 32
 
 
@@ -252,9 +259,63 @@ def prepare_image(image: Tensor, upscale: float) -> tuple[Tensor, Tensor]:
     return up, padded
 
 
-def encode(vae, padded: Tensor) -> Tensor:
-    """ComfyUI VAE encode of NCHW [0,1] pixels -> the unscaled latent (ComfyUI's LATENT convention)."""
-    return vae.encode(padded.movedim(1, -1))
+def use_tiled_vae(mode: str, vae, padded: Tensor) -> bool:
+    """Whether to run the VAE (and CFW) tile by tile with shared GroupNorm statistics."""
+    if mode not in TILED_VAE:
+        raise ValueError(f"tiled_vae must be one of {TILED_VAE}, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    h, w = padded.shape[-2:]
+    if h * w > TILED_VAE_AUTO_PIXELS:
+        return True
+    latent_shape = (1, 4, h // 8, w // 8)
+    need = vae.memory_used_decode(latent_shape, vae.vae_dtype)
+    return need > mm.get_free_memory(vae.device)
+
+
+def _tile_progress(total_hint: int = 1) -> Callable[[int, int], None]:
+    pbar = comfy.utils.ProgressBar(total_hint)
+    return lambda done, total: pbar.update_absolute(done, total)
+
+
+def encode(vae, padded: Tensor, tiled: bool = False) -> Tensor:
+    """VAE encode of NCHW [0,1] pixels -> the unscaled latent (ComfyUI's LATENT convention).
+
+    ``tiled``: 512 px windows with shared GroupNorm statistics (:mod:`realsr_core.diffusion.tiled_vae`),
+    so memory stays that of one window whatever the image size; otherwise ComfyUI's own whole-image encode.
+    """
+    if not tiled:
+        return vae.encode(padded.movedim(1, -1))
+    fsm = vae.first_stage_model
+    win = VAE_ENCODE_TILE + 2 * VAE_ENCODE_CONTEXT
+    mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode((1, 3, win, win), vae.vae_dtype))
+
+    def fn(x: Tensor) -> Tensor:
+        return fsm.encode(vae.process_input(x).to(vae.vae_dtype)).float()
+
+    return tiled_encode(fn, fsm.encoder, padded.float(), VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP,
+                        context=VAE_ENCODE_CONTEXT, device=vae.device, output_device=mm.intermediate_device(),
+                        out_dtype=torch.float32, progress=_tile_progress(), cancel=_interrupt_check)
+
+
+def decode_vae(vae, samples: Tensor, tiled: bool) -> Tensor:
+    """VAE decode of an unscaled latent -> NCHW [0,1]; tiled as in :func:`encode` (64 latent px windows)."""
+    if not tiled:
+        img = vae.decode(samples)
+        if img.ndim == 5:  # video VAEs return [B, T, H, W, C]
+            img = img.reshape(-1, *img.shape[-3:])
+        return img.movedim(-1, 1)
+    fsm = vae.first_stage_model
+    win = VAE_DECODE_TILE + 2 * VAE_DECODE_CONTEXT
+    mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_decode((1, 4, win, win), vae.vae_dtype))
+
+    def fn(z: Tensor) -> Tensor:
+        return fsm.decode(z.to(vae.vae_dtype)).float()
+
+    out = tiled_decode(fn, fsm.decoder, samples.float(), VAE_DECODE_TILE, VAE_DECODE_OVERLAP,
+                       context=VAE_DECODE_CONTEXT, device=vae.device, output_device=mm.intermediate_device(),
+                       out_dtype=torch.float32, progress=_tile_progress(), cancel=_interrupt_check)
+    return vae.process_output(out)
 
 
 def sample(
@@ -311,10 +372,16 @@ def _ddpm_function(model, x, sigmas, extra_args=None, callback=None, disable=Non
                           generator=generator, noises=noises)
 
 
-def decode_cfw(cfw: RealSRModel, samples: Tensor, padded: Tensor, weight: float) -> Tensor:
-    """CFW decode: the LR image's CFW-encoder features fused into the decoder; NCHW [0,1] (not clamped)."""
+def decode_cfw(cfw: RealSRModel, samples: Tensor, padded: Tensor, weight: float, tiled: bool = False) -> Tensor:
+    """CFW decode: the LR image's CFW-encoder features fused into the decoder; NCHW [0,1] (not clamped).
+
+    ``tiled``: encoder features and decoder run window by window with shared GroupNorm statistics; the
+    features (96 values per image pixel) are assembled on the intermediate device, not the GPU.
+    """
     desc = cfw.desc
     x = padded * 2 - 1
+    if tiled:
+        return _decode_cfw_tiled(cfw, samples, x, weight)
     need = int(desc.bytes_per_px * x.shape[-2] * x.shape[-1] // (desc.downscale**2))  # per image, latent px
     mm.load_models_gpu([cfw.patcher], memory_required=need, force_full_load=True)
     device = cfw.patcher.load_device
@@ -331,16 +398,30 @@ def decode_cfw(cfw: RealSRModel, samples: Tensor, padded: Tensor, weight: float)
     return (torch.cat(outs) + 1) / 2
 
 
+def _decode_cfw_tiled(cfw: RealSRModel, samples: Tensor, x: Tensor, weight: float) -> Tensor:
+    desc = cfw.desc
+    win = VAE_DECODE_TILE + 2 * VAE_DECODE_CONTEXT
+    mm.load_models_gpu([cfw.patcher], memory_required=int(desc.bytes_per_px * win * win), force_full_load=True)
+    try:
+        kw = dict(output_device=mm.intermediate_device(), progress=_tile_progress(), cancel=_interrupt_check)
+        feats = None
+        if weight > 0:
+            feats = desc.encode_tiled(x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]
+        out = desc.decode_tiled(samples.float(), feats, weight, VAE_DECODE_TILE, VAE_DECODE_OVERLAP,
+                                context=VAE_DECODE_CONTEXT, **kw)
+    finally:
+        host_offload(cfw.patcher)
+    return (out.float() + 1) / 2
+
+
 def decode(vae, samples: Tensor, size: tuple[int, int], reference: Tensor, method: str,
-           cfw: RealSRModel | None = None, padded: Tensor | None = None, cfw_weight: float = 0.5) -> Tensor:
+           cfw: RealSRModel | None = None, padded: Tensor | None = None, cfw_weight: float = 0.5,
+           tiled: bool = False) -> Tensor:
     """VAE (or CFW) decode, crop the padding, colour-fix against the upscaled LR image; IMAGE [B,H,W,3]."""
     if cfw is not None and padded is not None:
-        img = decode_cfw(cfw, samples, padded, cfw_weight)
+        img = decode_cfw(cfw, samples, padded, cfw_weight, tiled=tiled)
     else:
-        img = vae.decode(samples)
-        if img.ndim == 5:  # video VAEs return [B, T, H, W, C]
-            img = img.reshape(-1, *img.shape[-3:])
-        img = img.movedim(-1, 1)
+        img = decode_vae(vae, samples, tiled)
     h, w = size
     img = img[:, :3, :h, :w].float()
     if method != "none":
@@ -352,20 +433,22 @@ def run(
     model, sr: RealSRModel, vae, image: Tensor, *, upscale: float, seed: int, steps: int, sampler_name: str,
     scheduler: str, cfg: float, start: str, tile_size: int, tile_overlap: int, color_fix_method: str,
     positive: list | None, negative: list | None, cfw: RealSRModel | None = None, cfw_weight: float = 0.5,
+    tiled_vae: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The whole node: (IMAGE, unscaled latent samples)."""
     with torch.no_grad():
         return _run(model, sr, vae, image, upscale=upscale, seed=seed, steps=steps, sampler_name=sampler_name,
                     scheduler=scheduler, cfg=cfg, start=start, tile_size=tile_size, tile_overlap=tile_overlap,
                     color_fix_method=color_fix_method, positive=positive, negative=negative, cfw=cfw,
-                    cfw_weight=cfw_weight)
+                    cfw_weight=cfw_weight, tiled_vae=tiled_vae)
 
 
 def _run(model, sr, vae, image, *, upscale, seed, steps, sampler_name, scheduler, cfg, start, tile_size,
-         tile_overlap, color_fix_method, positive, negative, cfw, cfw_weight) -> tuple[Tensor, Tensor]:
+         tile_overlap, color_fix_method, positive, negative, cfw, cfw_weight, tiled_vae) -> tuple[Tensor, Tensor]:
     tile, overlap = auto_tiles(model, tile_size, tile_overlap)
     up, padded = prepare_image(image, upscale)
-    latent = encode(vae, padded)
+    tiled = use_tiled_vae(tiled_vae, vae, padded)
+    latent = encode(vae, padded, tiled)
     positive = positive if positive is not None else empty_conditioning(model)
     negative = negative if negative is not None else empty_conditioning(model)
     m = patch_model(model, sr, tile, overlap)
@@ -376,5 +459,5 @@ def _run(model, sr, vae, image, *, upscale, seed, steps, sampler_name, scheduler
         # The clone may stay cached as loaded; take the SFT hooks off the shared UNet right away.
         m.eject_model()
     out = decode(vae, samples, tuple(up.shape[-2:]), up, color_fix_method, cfw=cfw, padded=padded,
-                 cfw_weight=cfw_weight)
+                 cfw_weight=cfw_weight, tiled=tiled)
     return out, samples

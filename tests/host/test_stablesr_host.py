@@ -6,6 +6,7 @@ SD 2.1, 32 channels), so the ComfyUI path can be checked against the official 4-
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from typing import Any
@@ -223,6 +224,65 @@ def test_interrupt_mid_sampling_leaves_the_host_model_intact(comfy, pack, models
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_tiled_vae_and_cfw_decode_through_the_node(comfy, pack, models, monkeypatch) -> None:
+    """tiled_vae="on" runs ComfyUI's VAE window by window with shared GroupNorm statistics; the CFW VAE
+    decodes with the LR image's features, whole or tiled."""
+    from comfy.model_patcher import ModelPatcher
+
+    mm, shost, vae = comfy.model_management, pack.shost, models["vae"]
+    node = comfy.nodes[f"{PREFIX}StableSRSampler"]
+    image = bhwc(skimage_photo("astronaut")[:, :, 100:124, 150:174])  # 24 px -> 96 px, latent 12x12
+    up, padded = shost.prepare_image(image, 4.0)
+    z = shost.encode(vae, padded, tiled=False)
+    # One window covers the image: the tiled path is the whole-image computation (ComfyUI's own VAE).
+    assert torch.allclose(shost.encode(vae, padded, tiled=True), z, rtol=1e-4, atol=1e-3)  # latents ~100
+    x = shost.decode_vae(vae, z, tiled=False)
+    assert (shost.decode_vae(vae, z, tiled=True) - x).abs().max().item() < 1e-4
+    # Small windows: 3x3 encode and decode windows, shared statistics keep the tone.
+    for name, value in (("ENCODE_TILE", 32), ("ENCODE_OVERLAP", 8), ("ENCODE_CONTEXT", 16), ("DECODE_TILE", 4),
+                        ("DECODE_OVERLAP", 2), ("DECODE_CONTEXT", 2)):
+        monkeypatch.setattr(shost, f"VAE_{name}", value)
+    zt = shost.encode(vae, padded, tiled=True)
+    # A random-weight VAE is chaotic, so per-pixel agreement is loose; the per-channel level must hold.
+    assert zt.shape == z.shape and torch.isfinite(zt).all()
+    assert (zt.mean((2, 3)) - z.mean((2, 3))).abs().max().item() < 0.25 * z.std().item()
+    xt = shost.decode_vae(vae, z, tiled=True)
+    assert xt.shape == x.shape and torch.isfinite(xt).all()
+    assert (xt.mean((2, 3)) - x.mean((2, 3))).abs().max().item() < 0.08  # random VAE, 4 px tiles: loose
+    ticks: list[tuple[int, int]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: ticks.append((v, t)))
+    try:
+        img, lat = _out(node.execute(model=models["model"], stablesr=models["sr"], vae=vae, image=image,
+                                     tiled_vae="on", **_args(steps=2)))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert img.shape == (1, 96, 96, 3) and torch.isfinite(img).all()
+    # Several windows + the statistics pass, reported to ComfyUI's progress bar up to the end.
+    assert any(v == t > 4 for v, t in ticks), ticks
+    monkeypatch.undo()
+
+    # CFW: the official-layout CFW VAE (fixture weights, full size) decodes; w = 0 / 1, whole and tiled.
+    desc = importlib.import_module(f"{pack.sr_core.__name__}.cfw").load_cfw(fixture_state_dict("stablesr_cfw"))
+    cfw = pack.host.RealSRModel(desc, "vqgan_cfw_00011.ckpt", ModelPatcher(
+        desc.model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()))
+    small = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref0 = (desc.decode(small, None, 0.0) + 1) / 2
+        feats = desc.encode(padded * 2 - 1, return_features=True)[2]
+        ref1 = (desc.decode(small, feats, 1.0) + 1) / 2
+    assert (shost.decode_cfw(cfw, small, padded, 0.0) - ref0).abs().max().item() < 1e-4
+    assert (shost.decode_cfw(cfw, small, padded, 1.0) - ref1).abs().max().item() < 1e-4
+    assert (ref1 - ref0).abs().mean().item() > 1e-3  # the fusion layers act
+    assert (shost.decode_cfw(cfw, small, padded, 1.0, tiled=True) - ref1).abs().max().item() < 1e-3
+    assert not any(loaded.model is cfw.patcher for loaded in mm.current_loaded_models)  # offloaded after
+    img_cfw, lat_cfw = _out(node.execute(model=models["model"], stablesr=models["sr"], vae=vae, image=image,
+                                         cfw_vae=cfw, **_args(steps=2, cfw_weight=1.0)))
+    img_sd, lat_sd = _out(node.execute(model=models["model"], stablesr=models["sr"], vae=vae, image=image,
+                                       **_args(steps=2)))
+    assert torch.equal(lat_cfw["samples"], lat_sd["samples"])  # CFW changes only the decoding
+    assert img_cfw.shape == img_sd.shape and not torch.equal(img_cfw, img_sd)
+
+
 def _x0_once(comfy, pack, models, x: torch.Tensor, lr: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
     """One denoiser evaluation of the patched clone at a fixed x, through ComfyUI's sampling path."""
     import comfy.sample
@@ -266,16 +326,17 @@ def test_aggregated_x0_has_no_tile_seams(comfy, pack, models) -> None:
     assert r_tiled < 1.15 * r_whole, (r_whole, r_tiled)
 
 
-def test_shipped_workflow_matches_the_node(comfy) -> None:
-    """The StableSR workflow converts to a prompt whose sampler inputs all fit the schema (the server test
-    skips running it: it needs a real SD 2.1 checkpoint)."""
+@pytest.mark.parametrize("name", ["stablesr_sd21_512", "stablesr_sd21_768v", "stablesr_turbo", "stablesr_sd21_512_cfw"])
+def test_shipped_workflow_matches_the_node(comfy, name: str) -> None:
+    """Each StableSR workflow converts to a prompt whose sampler inputs all fit the schema, with the official
+    settings of its setup (the server test runs them on real-size random SD 2.1 files)."""
     from workflow_api import to_api
 
     def info(name: str) -> dict:
         cls = comfy.nodes[name]
         return cls.GET_NODE_INFO_V1() if hasattr(cls, "GET_NODE_INFO_V1") else {"input": cls.INPUT_TYPES()}
 
-    ui = json.loads((FIXTURES.parents[1] / "workflows" / "stablesr_sd21_512.json").read_text())
+    ui = json.loads((FIXTURES.parents[1] / "workflows" / f"{name}.json").read_text())
     object_info = {n["type"]: info(n["type"]) for n in ui["nodes"]}
     prompt = to_api(ui, object_info)
     sampler = next(v for v in prompt.values() if v["class_type"] == f"{PREFIX}StableSRSampler")
@@ -283,7 +344,9 @@ def test_shipped_workflow_matches_the_node(comfy) -> None:
     wanted = set(spec["required"]) | {"positive", "negative"}
     assert wanted <= set(sampler["inputs"]), wanted - set(sampler["inputs"])
     ins = sampler["inputs"]
-    assert ins["sampler_name"] == "stablesr_ddpm" and ins["steps"] == 200 and ins["upscale"] == 4.0
+    assert ins["sampler_name"] == "stablesr_ddpm" and ins["upscale"] == 4.0
+    assert ins["steps"] == (4 if "turbo" in name else 200) and ins["tiled_vae"] == "auto"
+    assert ("cfw_vae" in ins) == name.endswith("_cfw")
     assert ins["start"] == "lr_latent" and ins["color_fix"] == "wavelet" and ins["cfw_weight"] == 0.5
     for name, value in ins.items():
         entry = spec["required"].get(name, spec.get("optional", {}).get(name))

@@ -1,0 +1,117 @@
+"""Writes the StableSR workflows in ``workflows/`` (ComfyUI UI format), one per official setup.
+
+Run ``python docs/make_stablesr_workflows.py`` after changing the sampler's widgets; the host tests check
+every workflow against the live node schemas (``tests/host/test_server.py``, ``test_stablesr_host.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADER_OUTPUTS = [("FeMaSR", "REALSR_FEMASR_MODEL"), ("MM-RealSR", "REALSR_MMREALSR_MODEL"),
+                  ("StableSR", "REALSR_STABLESR_MODULE"), ("CFW VAE", "REALSR_CFW_VAE")]
+SAMPLER_INPUTS = [("model", "MODEL"), ("stablesr", "REALSR_STABLESR_MODULE"), ("vae", "VAE"), ("image", "IMAGE"),
+                  ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfw_vae", "REALSR_CFW_VAE")]
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    size: tuple[int, int]
+    widgets: list
+    inputs: list[tuple[str, str]] = field(default_factory=list)
+    outputs: list[tuple[str, str]] = field(default_factory=list)
+    title: str | None = None
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.links: list[list] = []
+
+    def add(self, *args, **kw) -> Node:
+        node = Node(len(self.nodes) + 1, *args, **kw)
+        self.nodes.append(node)
+        return node
+
+    def link(self, src: Node, slot: int, dst: Node, name: str) -> None:
+        dst_slot = [n for n, _ in dst.inputs].index(name)
+        self.links.append([len(self.links) + 1, src.id, slot, dst.id, dst_slot, src.outputs[slot][1]])
+
+    def to_json(self) -> dict:
+        nodes = []
+        for order, n in enumerate(self.nodes):
+            ins = [{"name": name, "type": t, "link": next((lk[0] for lk in self.links if lk[3] == n.id and lk[4] == i), None)}
+                   for i, (name, t) in enumerate(n.inputs)]
+            outs = [{"name": name, "type": t, "links": [lk[0] for lk in self.links if lk[1] == n.id and lk[2] == i],
+                     "slot_index": i} for i, (name, t) in enumerate(n.outputs)]
+            d = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {}, "order": order,
+                 "mode": 0, "inputs": ins, "outputs": outs, "properties": {"Node name for S&R": n.type},
+                 "widgets_values": n.widgets}
+            if n.title:
+                d["title"] = n.title
+            nodes.append(d)
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": nodes, "links": self.links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+
+
+def stablesr(checkpoint: str, module: str, *, steps: int = 200, cfw: str | None = None, prefix: str) -> dict:
+    """SD checkpoint + StableSR module (+ CFW VAE) -> StableSR Sampler (official defaults) -> SaveImage."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (40, 60), (315, 98), [checkpoint],
+                 outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+    loader = g.add("RealSR_LoadModel", (40, 220), (315, 126), [module], outputs=LOADER_OUTPUTS)
+    image = g.add("LoadImage", (40, 400), (315, 314), ["realsr_example.png", "image"],
+                  outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    pos = g.add("CLIPTextEncode", (420, 60), (340, 160), [""], inputs=[("clip", "CLIP")],
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Empty prompt (positive)")
+    neg = g.add("CLIPTextEncode", (420, 260), (340, 160), [""], inputs=[("clip", "CLIP")],
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Empty prompt (negative)")
+    cfw_loader = None
+    if cfw:
+        cfw_loader = g.add("RealSR_LoadModel", (420, 460), (315, 126), [cfw], outputs=LOADER_OUTPUTS,
+                           title="Load CFW VAE")
+    # upscale, seed, control, steps, sampler, scheduler, cfg, start, tile, overlap, color fix, cfw w, tiled vae
+    sampler = g.add("RealSR_StableSRSampler", (820, 60), (340, 500),
+                    [4.0, 42, "fixed", steps, "stablesr_ddpm", "normal", 1.0, "lr_latent", 0, 0, "wavelet", 0.5, "auto"],
+                    inputs=SAMPLER_INPUTS, outputs=[("image", "IMAGE"), ("latent", "LATENT")])
+    save = g.add("SaveImage", (1200, 60), (400, 420), [prefix], inputs=[("images", "IMAGE")])
+    g.link(ckpt, 0, sampler, "model")
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    g.link(ckpt, 2, sampler, "vae")
+    g.link(loader, 2, sampler, "stablesr")
+    g.link(image, 0, sampler, "image")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    if cfw_loader is not None:
+        g.link(cfw_loader, 3, sampler, "cfw_vae")
+    g.link(sampler, 0, save, "images")
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "stablesr_sd21_512.json": lambda: stablesr("v2-1_512-ema-pruned.safetensors", "stablesr_000117.ckpt",
+                                               prefix="realsr_stablesr_x4"),
+    "stablesr_sd21_768v.json": lambda: stablesr("v2-1_768-ema-pruned.safetensors", "webui_768v_139.ckpt",
+                                                prefix="realsr_stablesr_768v_x4"),
+    "stablesr_turbo.json": lambda: stablesr("stablesr_turbo.ckpt", "stablesr_turbo.ckpt", steps=4,
+                                            prefix="realsr_stablesr_turbo_x4"),
+    "stablesr_sd21_512_cfw.json": lambda: stablesr("v2-1_512-ema-pruned.safetensors", "stablesr_000117.ckpt",
+                                                   cfw="vqgan_cfw_00011.ckpt", prefix="realsr_stablesr_cfw_x4"),
+}
+
+
+def main() -> None:
+    for name, make in WORKFLOWS.items():
+        (ROOT / "workflows" / name).write_text(json.dumps(make(), indent=2) + "\n")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
