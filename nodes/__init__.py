@@ -10,10 +10,12 @@ from .femasr import FeMaSRUpscale
 from .loaders import LoadRealSRModel
 from .mmrealsr import MMRealSRModulate
 from .stablesr import StableSRSampler
+from .upscale import RealSRUpscale
 
 host.register_model_folder()  # before any define_schema lists the folder's files
 
-NODES: list[type[io.ComfyNode]] = [LoadRealSRModel, FeMaSRUpscale, MMRealSRModulate, ColorFix, StableSRSampler]
+NODES: list[type[io.ComfyNode]] = [LoadRealSRModel, RealSRUpscale, FeMaSRUpscale, MMRealSRModulate, ColorFix,
+                                   StableSRSampler]
 
 
 class RealSRExtension(ComfyExtension):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..realsr_core import ModelDescriptor, load_model, upscale
 from ..realsr_core.inference import TileSize
+from ..realsr_core.weights import builtin_models, builtin_path
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,20 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
 
 
+BUILTIN = "built-in/"  # prefix of the models shipped inside the pack (realsr_core/weights)
+
+
 def model_files() -> list[str]:
-    """Checkpoint names from ``models/realsr`` then ``models/upscale_models`` (duplicates once)."""
-    names = list(folder_paths.get_filename_list(FOLDER))
+    """The shipped models, then checkpoint names from ``models/realsr`` and ``models/upscale_models``."""
+    names = [BUILTIN + n for n in builtin_models()]
+    names += list(folder_paths.get_filename_list(FOLDER))
     names += [n for n in folder_paths.get_filename_list("upscale_models") if n not in names]
     return names
 
 
 def resolve_model_file(name: str) -> str:
+    if name.startswith(BUILTIN):
+        return str(builtin_path(name[len(BUILTIN):]))
     for folder in (FOLDER, "upscale_models"):
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
@@ -87,15 +94,17 @@ def load(name: str) -> RealSRModel:
     return RealSRModel(desc, name, patcher)
 
 
-def require(model: Any, arch: str, label: str) -> RealSRModel:
+def require(model: Any, arch: str | tuple[str, ...], label: str) -> RealSRModel:
     """The model on a socket, or a clear error when the loader output carried another family."""
     if isinstance(model, NotThisModel):
         raise ValueError(
             f"'{model.file}' is a {model.found} model, not {model.wanted}: connect the loader's "
-            f"{model.found} output to a {model.found} node instead"
+            f"output of that family to a node that runs it instead"
         )
-    if not isinstance(model, RealSRModel) or model.arch != arch:
-        raise ValueError(f"{label} needs a {arch} model from 'Load RealSR Model', got {type(model).__name__}")
+    archs = arch if isinstance(arch, tuple) else (arch,)
+    if not isinstance(model, RealSRModel) or model.arch not in archs:
+        raise ValueError(f"{label} needs a {' / '.join(archs)} model from 'Load RealSR Model', got "
+                         f"{getattr(model, 'arch', type(model).__name__)}")
     return model
 
 

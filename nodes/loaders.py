@@ -15,13 +15,15 @@ class LoadRealSRModel(io.ComfyNode):
             node_id=f"{PREFIX}LoadModel",
             display_name="Load RealSR Model",
             category=CATEGORY,
-            description="Loads a FeMaSR, MM-RealSR, StableSR module or CFW VAE checkpoint (official file names and "
-            "containers) from models/realsr or models/upscale_models. Only the output of the file's family carries "
-            "the model.",
+            description="Loads a FeMaSR, MM-RealSR, CRL-SR, StableSR module or CFW VAE checkpoint (official file names "
+            "and containers) from models/realsr or models/upscale_models, or the shipped CRL-SR x4 model "
+            "(built-in/...). Only the output of the file's family carries the model; 'SR model' carries any "
+            "feed-forward upscaler (FeMaSR, MM-RealSR, CRL-SR) for 'RealSR Upscale' and LWay.",
             inputs=[
                 io.Combo.Input("model_name", options=host.model_files(),
-                               tooltip="Checkpoint in models/realsr (or models/upscale_models), e.g. "
-                               "FeMaSR_SRX4_model_g.pth, MMRealSRGAN.pth, stablesr_000117.ckpt or vqgan_cfw_00011.ckpt."),
+                               tooltip="built-in/crlsr_x4.safetensors (shipped, no download) or a checkpoint in "
+                               "models/realsr (or models/upscale_models), e.g. FeMaSR_SRX4_model_g.pth, "
+                               "MMRealSRGAN.pth, stablesr_000117.ckpt or vqgan_cfw_00011.ckpt."),
             ],
             outputs=[t.Output(display_name=label, tooltip=f"The model when the file is {label}.")
                      for _, t, label in LOADER_OUTPUTS],
@@ -31,6 +33,7 @@ class LoadRealSRModel(io.ComfyNode):
     def execute(cls, model_name: str) -> io.NodeOutput:
         model = host.load(model_name)
         return io.NodeOutput(*[
-            model if arch == model.arch else host.NotThisModel(label, model.desc.name, model_name)
+            model if model.arch in (arch if isinstance(arch, tuple) else (arch,))
+            else host.NotThisModel(label, model.desc.name, model_name)
             for arch, _, label in LOADER_OUTPUTS
         ])

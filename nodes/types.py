@@ -8,15 +8,19 @@ FeMaSRModel = io.Custom("REALSR_FEMASR_MODEL")
 MMRealSRModel = io.Custom("REALSR_MMREALSR_MODEL")
 StableSRModule = io.Custom("REALSR_STABLESR_MODULE")
 CFWVae = io.Custom("REALSR_CFW_VAE")
+# Any feed-forward SR model of the pack (FeMaSR, MM-RealSR, CRL-SR): the generic upscale node, LWay.
+SRModel = io.Custom("REALSR_MODEL")
+FEED_FORWARD = ("femasr", "mmrealsr", "crlsr")
 
 CATEGORY = "image/upscaling/RealSR"
 PREFIX = "RealSR_"
 
-# Loader outputs, in socket order: (core architecture id, socket type, label).  New families are
+# Loader outputs, in socket order: (core architecture id(s), socket type, label).  New families are
 # appended so saved workflows keep their links.
 LOADER_OUTPUTS = [
     ("femasr", FeMaSRModel, "FeMaSR"),
     ("mmrealsr", MMRealSRModel, "MM-RealSR"),
     ("stablesr", StableSRModule, "StableSR"),
     ("stablesr_cfw", CFWVae, "CFW VAE"),
+    (FEED_FORWARD, SRModel, "SR model"),
 ]

@@ -1,7 +1,11 @@
-"""Command line: ``python -m realsr_core upscale INPUT -o OUTPUT --model CHECKPOINT``.
+"""Command line: ``python -m realsr_core upscale INPUT -o OUTPUT [--model CHECKPOINT]``.
 
 INPUT is an image file or a folder of images; OUTPUT is then a file or a folder.  An existing
-output is never overwritten unless ``--overwrite`` is given.
+output is never overwritten unless ``--overwrite`` is given.  Without ``--model`` the shipped CRL-SR x4
+model (``realsr_core/weights``) runs.
+
+``python -m realsr_core train CONFIG.toml [--out DIR] [--resume] [--steps N] [--device cuda]`` trains a
+model (see ``realsr_core/training/trainer.py``); an existing run is continued only with ``--resume``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from . import imageio
 from .errors import RealSRError
 from .inference import upscale
 from .registry import load_model
+from .weights import builtin_path
 
 
 class ProgressBar:
@@ -75,7 +80,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise RealSRError(f"refusing to overwrite {len(existing)} existing file(s), e.g. {existing[0]}; pass --overwrite")
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    desc = load_model(args.model, device=device)
+    desc = load_model(args.model or builtin_path(), device=device)
     print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {device}", file=sys.stderr)
     options = {}
     if desc.arch == "mmrealsr":
@@ -103,13 +108,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write only what inference loads (e.g. a trained CRL-SR without E_h, the MLP heads, E_f, D_rec)."""
+    from .training.trainer import read_metadata, save_weights
+
+    dst = Path(args.output)
+    if dst.exists() and not args.overwrite:
+        raise RealSRError(f"refusing to overwrite {dst}; pass --overwrite")
+    desc = load_model(args.model)
+    meta = read_metadata(args.model) if str(args.model).endswith(".safetensors") else {}
+    meta["arch"] = desc.arch
+    save_weights(dst, desc.model.state_dict(), meta)
+    print(f"{dst}: {desc.name}, {desc.num_params / 1e6:.2f}M parameters, {dst.stat().st_size / 2**20:.1f} MiB "
+          f"(left out {len(desc.ignored_keys)} training-only tensors)", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.trainer import train  # lazy: the trainer pulls in the data and degradation modules
+
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    result = train(args.config, out, resume=args.resume, steps=args.steps, device=args.device,
+                   max_minutes=args.minutes)
+    evals = " ".join(f"{k} {v:.2f}" for k, v in result.last_eval.items() if k.startswith("psnr"))
+    print(f"{result.model_path} at step {result.step} ({result.stopped}){' ' + evals if evals else ''}", file=sys.stderr)
+    return 130 if result.stopped == "interrupted" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m realsr_core", description="Real-world super-resolution.")
     sub = p.add_subparsers(dest="command", required=True)
     u = sub.add_parser("upscale", help="upscale an image file or a folder of images")
     u.add_argument("input", help="image file or folder")
     u.add_argument("-o", "--output", required=True, help="output file, or folder when INPUT is a folder")
-    u.add_argument("--model", required=True, help="checkpoint file (.safetensors, .pth, .ckpt, ...)")
+    u.add_argument("--model", default=None,
+                   help="checkpoint file (.safetensors, .pth, .ckpt, ...); default: the shipped CRL-SR x4 model")
     u.add_argument("--tile", type=_tile, default="auto", help="input tile size in pixels, 'auto' (default) or 0 for none")
     u.add_argument("--overlap", type=int, default=16, help="blend width between tiles, input pixels (default 16)")
     u.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -121,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
+    e = sub.add_parser("export", help="write a checkpoint's inference weights only (safetensors)")
+    e.add_argument("model")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+    t = sub.add_parser("train", help="train a model from a TOML config (resumable)")
+    t.add_argument("config", help="config file, or the name of a shipped one (e.g. crlsr_x4)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    t.add_argument("--steps", type=int, default=None, help="total steps, overriding train.steps")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    t.set_defaults(func=cmd_train)
     return p
 
 

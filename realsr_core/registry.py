@@ -15,11 +15,12 @@ from .errors import UnsupportedModelError
 
 def architectures() -> list[Architecture]:
     """All architectures, in detection order (more specific key sets first)."""
-    from .models import femasr, mmrealsr, stablesr
+    from .models import crlsr, femasr, lway, mmrealsr, stablesr
     from .models.stablesr import cfw as stablesr_cfw
 
     # The VAEs last: "sd_vae" takes any LDM-layout VAE that has no CFW layers.
-    return [stablesr.ARCHITECTURE, mmrealsr.ARCHITECTURE, femasr.ARCHITECTURE, *stablesr_cfw.ARCHITECTURES]
+    return [stablesr.ARCHITECTURE, mmrealsr.ARCHITECTURE, crlsr.ARCHITECTURE, femasr.ARCHITECTURE, lway.ARCHITECTURE,
+            *stablesr_cfw.ARCHITECTURES]
 
 
 def detect(state_dict: StateDict) -> Architecture | None:

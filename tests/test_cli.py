@@ -81,3 +81,34 @@ def test_module_entry_point_runs(tmp_path: Path, photos: Path, checkpoint: Path)
     )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (192, 160)
+
+
+def test_upscale_without_model_uses_the_shipped_one(tmp_path: Path, photos: Path, capsys) -> None:
+    out = tmp_path / "cat_x4.png"
+    assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--tile", "0"]) == 0
+    assert load_image(out).shape[-2:] == (160, 192)
+    assert "CRL-SR x4" in capsys.readouterr().err
+
+
+def test_export_keeps_only_inference_weights(tmp_path: Path, photos: Path, capsys) -> None:
+    from realsr_core.models.crlsr import CRLSR
+    from realsr_core.training.trainer import save_weights
+
+    torch.manual_seed(0)
+    net = CRLSR(scale=4, num_feat=16, enc_blocks=1, ref_blocks=1, proj_dim=32, ef_feat=16, ef_blocks=1)
+    full = tmp_path / "run.safetensors"
+    save_weights(full, net.state_dict(), {"arch": "crlsr", "step": "7"})
+    slim = tmp_path / "slim.safetensors"
+    assert main(["export", str(full), "-o", str(slim)]) == 0
+    assert slim.stat().st_size < full.stat().st_size
+    from realsr_core import load_model
+    from realsr_core.training.trainer import read_metadata
+
+    a, b = load_model(full), load_model(slim)
+    assert a.ignored_keys and not b.ignored_keys and read_metadata(slim)["step"] == "7"
+    x = skimage_photo("chelsea")[:, :, 50:82, 100:132]
+    with torch.no_grad():
+        assert torch.equal(a.forward(x), b.forward(x))
+    capsys.readouterr()
+    assert main(["export", str(full), "-o", str(slim)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err

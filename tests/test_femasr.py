@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from helpers import make_weights
 from PIL import Image
+from torch import nn
 
 from realsr_core.errors import InvalidInputError, UnsupportedModelError
 from realsr_core.models import femasr
+from realsr_core.models.blocks.gn_resblock import group_norm
 from realsr_core.models.blocks.swin import shifted_window_mask, window_plan
 from realsr_core.models.blocks.vq import nearest_code
 from realsr_core.models.femasr.network import nearest_up_conv_weight
@@ -278,6 +280,27 @@ def test_window_plan_reproduces_swinir_roll_partition_and_mask(size: tuple[int, 
     with np.load(FIXTURES / "femasr_x4" / "buffers.npz") as f:
         stored = f["multiscale_encoder.blocks.1.swin_blks.0.residual_group.blocks.1.attn_mask"]
     np.testing.assert_array_equal(shifted_window_mask(32, 32, ws, shift).numpy(), stored)
+
+
+def test_group_norm_channels_last_statistics_are_accurate() -> None:
+    # PyTorch's channels_last CPU GroupNorm sums x and x^2 sequentially over H*W in float32; its error
+    # grows with the map (~1e-4 here, ~1e-3 at 512x512) and flipped near-tie VQ codes at large inputs.
+    g = torch.Generator().manual_seed(2)
+    norm = nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        norm.bias.copy_(torch.rand(64, generator=g) - 0.5)
+    for shape in ((1, 64, 192, 160), (3, 64, 9, 7)):
+        x = (torch.randn(shape, generator=g) * 3 + 10).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = F.silu(F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), 1e-6))
+            out = group_norm(x, norm, silu=True)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+            torch.testing.assert_close(group_norm(x.contiguous(), norm, silu=True), out, rtol=0, atol=2e-6)
+            y = x.clone()
+            assert group_norm(y, norm, silu=True, inplace=True).data_ptr() == y.data_ptr()
+            torch.testing.assert_close(y, out, rtol=0, atol=0)
 
 
 def test_nearest_code_float32_search_and_chunking() -> None:

@@ -25,7 +25,8 @@ def loaded(comfy):
 
 def test_pack_registered_with_prefixed_ids(comfy) -> None:
     ours = sorted(k for k in comfy.nodes if k.startswith(PREFIX))
-    assert ours == sorted(f"{PREFIX}{n}" for n in ("LoadModel", "FeMaSRUpscale", "MMRealSRModulate", "ColorFix", "StableSRSampler"))
+    assert ours == sorted(f"{PREFIX}{n}" for n in ("LoadModel", "Upscale", "FeMaSRUpscale", "MMRealSRModulate", "ColorFix",
+                                                   "StableSRSampler"))
     for name in ours:
         schema = comfy.nodes[name].define_schema()
         assert schema.category.startswith("image/upscaling/RealSR")
@@ -38,9 +39,10 @@ def test_pack_registered_with_prefixed_ids(comfy) -> None:
 def test_loader_lists_files_and_types_outputs(comfy, loaded) -> None:
     schema = comfy.nodes[f"{PREFIX}LoadModel"].define_schema()
     files = schema.inputs[0].options
-    assert {"FeMaSR_SRX4_model_g.pth", "MMRealSRGAN.pth"} <= set(files)
+    assert {"FeMaSR_SRX4_model_g.pth", "MMRealSRGAN.pth", "built-in/crlsr_x4.safetensors"} <= set(files)
+    assert files[0] == "built-in/crlsr_x4.safetensors"  # the shipped model first: it needs no download
     assert [o.get_io_type() for o in schema.outputs] == ["REALSR_FEMASR_MODEL", "REALSR_MMREALSR_MODEL",
-                                                          "REALSR_STABLESR_MODULE", "REALSR_CFW_VAE"]
+                                                          "REALSR_STABLESR_MODULE", "REALSR_CFW_VAE", "REALSR_MODEL"]
     assert loaded["femasr"].desc.name == "FeMaSR x4"
     assert type(loaded["femasr_outputs"][1]).__name__ == "NotThisModel"
 
@@ -62,6 +64,31 @@ def test_femasr_upscale_under_model_management(comfy, loaded) -> None:
     assert all(m.model is not loaded["femasr"].patcher for m in mm.current_loaded_models)
     tiled = _out(node.execute(model=loaded["femasr"], image=x, tile_size="128", overlap=16))[0]
     assert tiled.shape == out.shape
+
+
+def test_generic_upscale_runs_the_shipped_model_and_any_feed_forward_family(comfy, loaded) -> None:
+    mm = comfy.model_management
+    outs = _out(comfy.nodes[f"{PREFIX}LoadModel"].execute(model_name="built-in/crlsr_x4.safetensors"))
+    assert [type(o).__name__ for o in outs] == ["NotThisModel"] * 4 + ["RealSRModel"]
+    assert outs[4].arch == "crlsr" and outs[4].desc.scale == 4
+    node = comfy.nodes[f"{PREFIX}Upscale"]
+    x = bhwc(skimage_photo("chelsea")[:, :, 40:88, 100:164])
+    ticks: list[tuple[int, int]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: ticks.append((v, t)))
+    try:
+        out = _out(node.execute(model=outs[4], image=x, tile_size="auto", overlap=16))[0]
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert out.shape == (1, 192, 256, 3) and out.device == mm.intermediate_device()
+    assert ticks and ticks[-1][0] == ticks[-1][1]
+    assert all(m.model is not outs[4].patcher for m in mm.current_loaded_models)
+    # The generic output of a FeMaSR file runs in the same node, and gives what the FeMaSR node gives.
+    fem = _out(comfy.nodes[f"{PREFIX}LoadModel"].execute(model_name="FeMaSR_SRX4_model_g.pth"))[4]
+    a = _out(node.execute(model=fem, image=x, tile_size="none", overlap=16))[0]
+    b = _out(comfy.nodes[f"{PREFIX}FeMaSRUpscale"].execute(model=fem, image=x, tile_size="none", overlap=16))[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="is a CRL-SR x4 model, not FeMaSR"):
+        node.execute(model=outs[0], image=x, tile_size="auto", overlap=16)
 
 
 def test_wrong_family_is_a_clear_error(comfy, loaded) -> None:

@@ -194,12 +194,13 @@ def test_shipped_workflow_runs(server, workflow: Path) -> None:
     assert len(images) == expected_batch
     assert all(im.size == (80 * 4, 64 * 4) for im in images)
     if stablesr:
-        # Random SD weights give no meaningful detail, but the wavelet colour fix must give the result the
-        # input's colours and low frequencies: compare 8x-downscaled copies.
-        out = np.asarray(images[0].convert("RGB").resize((40, 32), Image.BOX), dtype=np.float32)
-        ref = np.asarray(Image.open(server.base / "input" / EXAMPLE).convert("RGB").resize((40, 32), Image.BOX),
+        # Random SD weights give no meaningful detail, but the wavelet colour fix gives the result the input's
+        # lowest wavelet band (5 levels: structures above ~32 px): compare 32x-downscaled copies.  Measured
+        # offline on random results: ~13-18 with the fix, ~60 without.
+        out = np.asarray(images[0].convert("RGB").resize((10, 8), Image.BOX), dtype=np.float32)
+        ref = np.asarray(Image.open(server.base / "input" / EXAMPLE).convert("RGB").resize((10, 8), Image.BOX),
                          dtype=np.float32)
-        assert np.isfinite(out).all() and np.abs(out - ref).mean() < 20, np.abs(out - ref).mean()
+        assert np.isfinite(out).all() and np.abs(out - ref).mean() < 25, np.abs(out - ref).mean()
         if "768v" in workflow.stem:  # ComfyUI read the file as the v-prediction model
             assert "model_type V_PREDICTION" in server.log.read_text()
 

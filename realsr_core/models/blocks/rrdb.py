@@ -60,21 +60,24 @@ def _probe_fused_conv() -> bool:
 fused_conv_available: bool = _probe_fused_conv()
 
 
-def use_fused_conv(x: Tensor, weight: Tensor) -> bool:
+def use_fused_conv(x: Tensor, *weights: Tensor) -> bool:
     """Whether ``x`` can take the oneDNN fused path (CPU float32 channels_last, no autograd).
 
     Args:
         x: (B, C, H, W) activation.
-        weight: a convolution weight of the block (its dtype must match and it must not need grads).
+        weights: every convolution weight the caller will run on this decision (a whole block decides
+            once): their dtype must match and none may need grads, or a partly frozen block would
+            silently lose the gradients of its trainable convs.
     """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
     return (
         fused_conv_available
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and all(w.dtype == torch.float32 for w in weights)
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not needs_grad
     )
 
 
@@ -159,7 +162,7 @@ class ResidualDenseBlock(nn.Module):
         return (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5)
 
     def forward(self, x: Tensor) -> Tensor:
-        if use_fused_conv(x, self.conv1.weight):
+        if use_fused_conv(x, *(c.weight for c in self._convs())):
             return self._forward_fused(x)
         feats = [x]
         for conv in self._convs()[:4]:
@@ -245,5 +248,5 @@ class ResidualBlockNoBN(nn.Module):
         self.conv2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = use_fused_conv(x, self.conv1.weight)
+        fused = use_fused_conv(x, self.conv1.weight, self.conv2.weight)
         return conv2d_fused(conv2d_fused(x, self.conv1, "relu", fused=fused), self.conv2, residual=x, fused=fused)

@@ -1,7 +1,8 @@
-"""Writes the StableSR workflows in ``workflows/`` (ComfyUI UI format), one per official setup.
+"""Writes the generated workflows in ``workflows/`` (ComfyUI UI format): the shipped-model default and one
+StableSR workflow per official setup.
 
-Run ``python docs/make_stablesr_workflows.py`` after changing the sampler's widgets; the host tests check
-every workflow against the live node schemas (``tests/host/test_server.py``, ``test_stablesr_host.py``).
+Run ``python docs/make_workflows.py`` after changing these nodes' widgets; the host tests check every
+workflow against the live node schemas (``tests/host/test_server.py``, ``test_stablesr_host.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADER_OUTPUTS = [("FeMaSR", "REALSR_FEMASR_MODEL"), ("MM-RealSR", "REALSR_MMREALSR_MODEL"),
-                  ("StableSR", "REALSR_STABLESR_MODULE"), ("CFW VAE", "REALSR_CFW_VAE")]
+                  ("StableSR", "REALSR_STABLESR_MODULE"), ("CFW VAE", "REALSR_CFW_VAE"), ("SR model", "REALSR_MODEL")]
 SAMPLER_INPUTS = [("model", "MODEL"), ("stablesr", "REALSR_STABLESR_MODULE"), ("vae", "VAE"), ("image", "IMAGE"),
                   ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfw_vae", "REALSR_CFW_VAE")]
 
@@ -95,7 +96,23 @@ def stablesr(checkpoint: str, module: str, *, steps: int = 200, cfw: str | None 
     return g.to_json()
 
 
+def default_upscale(model: str = "built-in/crlsr_x4.safetensors") -> dict:
+    """The pack's out-of-the-box workflow: the shipped CRL-SR x4 model, no download."""
+    g = Graph()
+    image = g.add("LoadImage", (40, 60), (315, 314), ["realsr_example.png", "image"],
+                  outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    loader = g.add("RealSR_LoadModel", (40, 420), (315, 150), [model], outputs=LOADER_OUTPUTS)
+    up = g.add("RealSR_Upscale", (420, 60), (315, 130), ["auto", 16], inputs=[("model", "REALSR_MODEL"),
+               ("image", "IMAGE")], outputs=[("image", "IMAGE")])
+    save = g.add("SaveImage", (800, 60), (400, 420), ["realsr_crlsr_x4"], inputs=[("images", "IMAGE")])
+    g.link(loader, 4, up, "model")
+    g.link(image, 0, up, "image")
+    g.link(up, 0, save, "images")
+    return g.to_json()
+
+
 WORKFLOWS = {
+    "crlsr_x4_default.json": default_upscale,
     "stablesr_sd21_512.json": lambda: stablesr("v2-1_512-ema-pruned.safetensors", "stablesr_000117.ckpt",
                                                prefix="realsr_stablesr_x4"),
     "stablesr_sd21_768v.json": lambda: stablesr("v2-1_768-ema-pruned.safetensors", "webui_768v_139.ckpt",

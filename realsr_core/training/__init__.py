@@ -1,0 +1,1 @@
+"""Training toolkit: degradation pipelines, data, metrics and the trainer."""
