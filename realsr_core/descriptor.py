@@ -15,6 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .errors import UnsupportedModelError
+
 StateDict = Mapping[str, Tensor]
 Purpose = Literal["SR", "Restoration", "Module"]
 
@@ -167,3 +169,18 @@ class Architecture:
 def has_all(state_dict: StateDict, *keys: str) -> bool:
     """True when every key is present (the usual detection rule)."""
     return all(k in state_dict for k in keys)
+
+
+def count_indexed(state_dict: StateDict, pattern: str, start: int = 0) -> int:
+    """Number of consecutive indices ``i`` from ``start`` such that ``pattern.format(i)`` is a key (block counts)."""
+    n = start
+    while pattern.format(n) in state_dict:
+        n += 1
+    return n - start
+
+
+def shape_of(state_dict: StateDict, key: str, what: str = "the") -> tuple[int, ...]:
+    """A tensor's shape as ints; a missing key is an UnsupportedModelError naming it."""
+    if key not in state_dict:
+        raise UnsupportedModelError(f"{what} state dict lacks {key!r}")
+    return tuple(int(s) for s in state_dict[key].shape)

@@ -48,7 +48,13 @@ META: dict[str, Any] = fixture_meta(NAME)
 ATOL = {k: v["suggested_tolerance"]["atol"] for k, v in META["outputs"].items()}
 OTHER_MANIFESTS = ("femasr_x4", "femasr_x2", "femasr_hrp", "mmrealsr_x4", "stablesr_struct", "stablesr_sampling")
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this module (a module-level switch would leak into every other test file)."""
+    with torch.no_grad():
+        yield
 
 
 def _ref(name: str) -> Tensor:

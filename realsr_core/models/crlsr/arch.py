@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all
+from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all, shape_of
+from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import CRLSR, INFERENCE_PREFIXES, SCALES
 
@@ -51,23 +52,11 @@ def has_training_parts(state_dict: StateDict) -> bool:
     return has_all(state_dict, *_TRAINING_SIZE_KEYS)
 
 
-def _count(state_dict: StateDict, pattern: str) -> int:
-    """Number of consecutive indices ``i`` (from 0) such that ``pattern.format(i)`` is a key."""
-    n = 0
-    while pattern.format(n) in state_dict:
-        n += 1
-    return n
-
-
-def _shape(state_dict: StateDict, key: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in state_dict[key].shape)
-
-
 def _infer_scale(state_dict: StateDict, num_feat: int) -> int:
     """The scale from the upsampler: intermediate x2 stages (conv to ``4 * num_feat``) and a last stage
     whose conv outputs ``3 * r^2`` channels for its pixel-shuffle factor ``r``."""
     n = _count(state_dict, "refine.upsample.{}.weight")
-    shapes = [_shape(state_dict, f"refine.upsample.{i}.weight") for i in range(n)]
+    shapes = [shape_of(state_dict, f"refine.upsample.{i}.weight", "CRL-SR") for i in range(n)]
     for i, s in enumerate(shapes[:-1]):
         if s[:2] != (4 * num_feat, num_feat):
             raise UnsupportedModelError(
@@ -96,7 +85,7 @@ def infer_config(state_dict: StateDict) -> dict[str, int]:
     if not detect(state_dict):
         missing = [k for k in DETECT_KEYS if k not in state_dict]
         raise UnsupportedModelError(f"not a CRL-SR state dict: missing {missing}")
-    num_feat, head_in = _shape(state_dict, "encoder_lr.head.weight")[:2]
+    num_feat, head_in = shape_of(state_dict, "encoder_lr.head.weight", "CRL-SR")[:2]
     scale = _infer_scale(state_dict, num_feat)
     if head_in != 3 * scale * scale:
         raise UnsupportedModelError(
@@ -111,8 +100,8 @@ def infer_config(state_dict: StateDict) -> dict[str, int]:
     }
     if has_training_parts(state_dict):
         config.update(
-            proj_dim=_shape(state_dict, "proj_lr.2.weight")[0],
-            ef_feat=_shape(state_dict, "feat_extractor.head.weight")[0],
+            proj_dim=shape_of(state_dict, "proj_lr.2.weight", "CRL-SR")[0],
+            ef_feat=shape_of(state_dict, "feat_extractor.head.weight", "CRL-SR")[0],
             ef_blocks=_count(state_dict, "feat_extractor.body.{}.conv1.weight"),
         )
     return config

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all
+from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all, shape_of
+from ...descriptor import count_indexed as _count
 from ...errors import InvalidInputError, UnsupportedModelError
 from .network import FeMaSRConfig, FeMaSRNet, SwinConfig
 
@@ -54,33 +55,19 @@ def detect(state_dict: StateDict) -> bool:
     return has_all(state_dict, *DETECT_KEYS)
 
 
-def _count(state_dict: StateDict, pattern: str, start: int = 0) -> int:
-    """Number of consecutive indices ``i`` from ``start`` such that ``pattern.format(i)`` is a key."""
-    n = start
-    while pattern.format(n) in state_dict:
-        n += 1
-    return n - start
-
-
-def _shape(state_dict: StateDict, key: str) -> tuple[int, ...]:
-    if key not in state_dict:
-        raise UnsupportedModelError(f"FeMaSR state dict lacks {key!r}")
-    return tuple(int(s) for s in state_dict[key].shape)
-
-
 def _infer_swin(state_dict: StateDict, prefix: str, dim: int) -> SwinConfig:
     num_layers = _count(state_dict, prefix + ".swin_blks.{}.conv.weight")
     blk = prefix + ".swin_blks.0.residual_group.blocks.{}"
     depth = _count(state_dict, blk + ".norm1.weight")
     if num_layers == 0 or depth == 0:
         raise UnsupportedModelError(f"FeMaSR Swin layers under {prefix!r} have no RSTB / Swin block")
-    table = _shape(state_dict, blk.format(0) + ".attn.relative_position_bias_table")
+    table = shape_of(state_dict, blk.format(0) + ".attn.relative_position_bias_table", "FeMaSR")
     ws = (math.isqrt(table[0]) + 1) // 2
     if (2 * ws - 1) ** 2 != table[0]:
         raise UnsupportedModelError(f"FeMaSR relative position table {table} is not (2*ws-1)^2 rows")
     num_heads = table[1]
-    mlp_hidden = _shape(state_dict, blk.format(0) + ".mlp.fc1.weight")[0]
-    norm = _shape(state_dict, blk.format(0) + ".norm1.weight")[0]
+    mlp_hidden = shape_of(state_dict, blk.format(0) + ".mlp.fc1.weight", "FeMaSR")[0]
+    norm = shape_of(state_dict, blk.format(0) + ".norm1.weight", "FeMaSR")[0]
     if norm != dim or dim % num_heads:
         raise UnsupportedModelError(
             f"FeMaSR Swin width {norm} does not fit the latent's {dim} channels / {num_heads} heads"
@@ -91,7 +78,7 @@ def _infer_swin(state_dict: StateDict, prefix: str, dim: int) -> SwinConfig:
     for j in range(depth):
         key = blk.format(j) + ".attn_mask"
         if key in state_dict:
-            n_windows = _shape(state_dict, key)[0]
+            n_windows = shape_of(state_dict, key, "FeMaSR")[0]
             mask_resolution = ws * math.isqrt(n_windows)
             shifts.append(ws // 2)
         else:
@@ -113,7 +100,7 @@ def infer_config(state_dict: StateDict) -> FeMaSRConfig:
     Raises:
         UnsupportedModelError: a layout the network cannot express.
     """
-    in_shape = _shape(state_dict, "multiscale_encoder.in_conv.weight")
+    in_shape = shape_of(state_dict, "multiscale_encoder.in_conv.weight", "FeMaSR")
     if in_shape[2:] != (4, 4):
         raise UnsupportedModelError(f"FeMaSR in_conv is {in_shape}, expected a 4x4 kernel")
     if "quantize_group.1.embedding.weight" in state_dict:
@@ -123,17 +110,17 @@ def infer_config(state_dict: StateDict) -> FeMaSRConfig:
             "FeMaSR with BatchNorm residual blocks is not supported (released models use GroupNorm)"
         )
     n_down = _count(state_dict, _ENC + ".{}.0.weight")
-    down = tuple(_shape(state_dict, f"{_ENC}.{d}.0.weight")[0] for d in range(n_down))
+    down = tuple(shape_of(state_dict, f"{_ENC}.{d}.0.weight", "FeMaSR")[0] for d in range(n_down))
     latent_ch = down[-1]
     swin: SwinConfig | None = None
     up: tuple[int, ...] = ()
     if f"{_ENC}.{n_down}.swin_blks.0.conv.weight" in state_dict:
         swin = _infer_swin(state_dict, f"{_ENC}.{n_down}", latent_ch)
         n_up = _count(state_dict, _ENC + ".{}.1.weight", n_down + 1)
-        up = tuple(_shape(state_dict, f"{_ENC}.{d}.1.weight")[0] for d in range(n_down + 1, n_down + 1 + n_up))
+        up = tuple(shape_of(state_dict, f"{_ENC}.{d}.1.weight", "FeMaSR")[0] for d in range(n_down + 1, n_down + 1 + n_up))
     n_dec = _count(state_dict, "decoder_group.{}.block.1.weight")
-    dec = tuple(_shape(state_dict, f"decoder_group.{i}.block.1.weight")[0] for i in range(n_dec))
-    n_e, e_dim = _shape(state_dict, "quantize_group.0.embedding.weight")
+    dec = tuple(shape_of(state_dict, f"decoder_group.{i}.block.1.weight", "FeMaSR")[0] for i in range(n_dec))
+    n_e, e_dim = shape_of(state_dict, "quantize_group.0.embedding.weight", "FeMaSR")
     config = FeMaSRConfig(
         stem_channels=in_shape[0],
         down_channels=down,
@@ -143,7 +130,7 @@ def infer_config(state_dict: StateDict) -> FeMaSRConfig:
         swin=swin,
         up_channels=up,
         in_channels=in_shape[1],
-        out_channels=_shape(state_dict, "out_conv.weight")[0],
+        out_channels=shape_of(state_dict, "out_conv.weight", "FeMaSR")[0],
     )
     if n_dec < n_down:
         raise UnsupportedModelError(

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all
+from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all, shape_of
+from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import LWayConfig, LWayReconstruction
 
@@ -35,18 +36,6 @@ def detect(state_dict: StateDict) -> bool:
     return has_all(state_dict, *DETECT_KEYS)
 
 
-def _count(state_dict: StateDict, pattern: str) -> int:
-    """Number of consecutive indices ``i`` (from 0) such that ``pattern.format(i)`` is a key."""
-    n = 0
-    while pattern.format(n) in state_dict:
-        n += 1
-    return n
-
-
-def _shape(state_dict: StateDict, key: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in state_dict[key].shape)
-
-
 def infer_config(state_dict: StateDict) -> dict[str, Any]:
     """Constructor arguments of :class:`LWayReconstruction` from tensor shapes.
 
@@ -60,8 +49,8 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
     if not detect(state_dict):
         missing = [k for k in DETECT_KEYS if k not in state_dict]
         raise UnsupportedModelError(f"not an LWay reconstruction state dict: missing {missing}")
-    enc_feat, enc_in = _shape(state_dict, "encoder.conv_first.weight")[:2]
-    rec_feat, rec_in = _shape(state_dict, "reconstructor.conv_first.weight")[:2]
+    enc_feat, enc_in = shape_of(state_dict, "encoder.conv_first.weight", "LWay")[:2]
+    rec_feat, rec_in = shape_of(state_dict, "reconstructor.conv_first.weight", "LWay")[:2]
     unshuffle = round((enc_in / 3) ** 0.5)
     if enc_in != 3 * unshuffle * unshuffle or rec_in != enc_in:
         raise UnsupportedModelError(
@@ -71,12 +60,12 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
     n_down = _count(state_dict, "encoder.down.{}.weight")
     n_mlp = _count(state_dict, "encoder.mlp.{}.weight")
     rec_blocks = _count(state_dict, "reconstructor.blocks.{}.modconv.weight")
-    embed_dim = _shape(state_dict, f"encoder.mlp.{n_mlp - 1}.weight")[0]
+    embed_dim = shape_of(state_dict, f"encoder.mlp.{n_mlp - 1}.weight", "LWay")[0]
     config = {
         "embed_dim": embed_dim,
         "enc_feat": enc_feat,
         "enc_blocks": _count(state_dict, "encoder.body.{}.conv1.weight"),
-        "enc_channels": [_shape(state_dict, f"encoder.down.{i}.weight")[0] for i in range(n_down)],
+        "enc_channels": [shape_of(state_dict, f"encoder.down.{i}.weight", "LWay")[0] for i in range(n_down)],
         "mlp_layers": n_mlp,
         "rec_feat": rec_feat,
         "rec_blocks": rec_blocks,
@@ -84,7 +73,7 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
         "unshuffle": unshuffle,
     }
     if rec_blocks:
-        style = _shape(state_dict, "reconstructor.blocks.0.modconv.style.weight")
+        style = shape_of(state_dict, "reconstructor.blocks.0.modconv.style.weight", "LWay")
         if style != (config["rec_feat"], embed_dim):
             raise UnsupportedModelError(
                 f"LWay reconstructor style layer has shape {style}, but E's embedding has {embed_dim} values and "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all
+from ...descriptor import count_indexed as _count
 from ...errors import InvalidInputError, UnsupportedModelError
 from .network import MMRealSRNet
 
@@ -56,14 +57,6 @@ _BYTES_PER_PX_PER_FEAT = 40.0
 def detect(state_dict: StateDict) -> bool:
     """True for an MM-RealSR generator state dict (with its degradation estimator and modulation)."""
     return has_all(state_dict, *DETECT_KEYS)
-
-
-def _count(state_dict: StateDict, pattern: str) -> int:
-    """Number of consecutive indices ``i`` (from 0) such that ``pattern.format(i)`` is a key."""
-    n = 0
-    while pattern.format(n) in state_dict:
-        n += 1
-    return n
 
 
 def _infer_estimator(state_dict: StateDict) -> dict[str, Any]:

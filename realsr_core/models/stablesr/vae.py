@@ -32,6 +32,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...descriptor import count_indexed as _count
 from ...errors import InvalidInputError, UnsupportedModelError
 
 __all__ = [
@@ -504,13 +505,6 @@ def extract_vae_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, 
     vae = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(roots)}
     ignored = [k for k in state_dict if not k.startswith(roots)]
     return vae, ignored
-
-
-def _count(sd: Mapping[str, Any], pattern: str) -> int:
-    n = 0
-    while pattern.format(n) in sd:
-        n += 1
-    return n
 
 
 def infer_vae_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
