@@ -162,7 +162,6 @@ def _order(batch: int, height: int, width: int, ws: int, shift: int) -> tuple[Te
     return perm, torch.stack(masks), pattern
 
 
-@lru_cache(maxsize=8)
 def window_plan(
     batch: int, height: int, width: int, window_size: int, shifts: tuple[int, ...], device: torch.device
 ) -> WindowPlan:
@@ -174,6 +173,16 @@ def window_plan(
         shifts: the cyclic shifts used by the blocks (0 for plain windows).
         device: where the index tensors live.
     """
+    # Keyed by inference mode too: index tensors made under inference_mode cannot be saved for backward,
+    # so a plan cached by an inference run must not serve a later fine-tuning (LWay) run.
+    return _window_plan(batch, height, width, window_size, shifts, device, torch.is_inference_mode_enabled())
+
+
+@lru_cache(maxsize=8)
+def _window_plan(
+    batch: int, height: int, width: int, window_size: int, shifts: tuple[int, ...], device: torch.device,
+    inference: bool,
+) -> WindowPlan:
     perm: dict[int, Tensor] = {}
     patterns: dict[int, Tensor | None] = {}
     mask_index: dict[int, Tensor] = {}
