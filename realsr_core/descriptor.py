@@ -179,6 +179,34 @@ def count_indexed(state_dict: StateDict, pattern: str, start: int = 0) -> int:
     return n - start
 
 
+def check_layout(what: str, layout: str, expected: Mapping[str, Tensor], state_dict: StateDict,
+                 unexpected: list[str]) -> None:
+    """Refuse a state dict that does not fill ``expected`` (a model's ``state_dict()``) exactly.
+
+    Args:
+        what: the method's name, for the message.
+        layout: the inferred configuration, in words.
+        expected: the built model's tensors (meta tensors are fine: only shapes are read).
+        state_dict: the checkpoint's tensors.
+        unexpected: keys of the model's own families that the model does not have.
+
+    Raises:
+        UnsupportedModelError: naming up to 5 missing / unexpected keys, or the first tensor of another shape.
+    """
+    missing = [k for k in expected if k not in state_dict]
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            f"{what} state dict does not match the inferred layout ({layout}): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise UnsupportedModelError(
+                f"{what} tensor {k!r} has shape {tuple(state_dict[k].shape)}, the inferred layout needs {tuple(v.shape)}"
+            )
+
+
 def shape_of(state_dict: StateDict, key: str, what: str = "the") -> tuple[int, ...]:
     """A tensor's shape as ints; a missing key is an UnsupportedModelError naming it."""
     if key not in state_dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all, shape_of
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, has_all, shape_of
 from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import CRLSR, INFERENCE_PREFIXES, SCALES
@@ -129,19 +129,9 @@ def load(state_dict: StateDict) -> ModelDescriptor:
     expected = model.state_dict()
     ignored = [k for k in state_dict if not k.startswith(INFERENCE_PREFIXES)]
     unknown = [k for k in state_dict if k.startswith(INFERENCE_PREFIXES) and k not in expected]
-    missing = [k for k in expected if k not in state_dict]
-    if missing or unknown:
-        raise UnsupportedModelError(
-            f"CRL-SR state dict does not match the inferred layout (x{config['scale']}, num_feat "
-            f"{config['num_feat']}, {config['enc_blocks']} encoder / {config['ref_blocks']} refinement blocks): "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unknown[:5]}{'...' if len(unknown) > 5 else ''}"
-        )
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise UnsupportedModelError(
-                f"CRL-SR tensor {k!r} has shape {tuple(state_dict[k].shape)}, the inferred layout needs {tuple(v.shape)}"
-            )
+    layout = (f"x{config['scale']}, num_feat {config['num_feat']}, {config['enc_blocks']} encoder / "
+              f"{config['ref_blocks']} refinement blocks")
+    check_layout("CRL-SR", layout, expected, state_dict, unknown)
     model.load_state_dict({k: _own(state_dict[k]) for k in expected}, strict=True, assign=True)
     model.requires_grad_(False)  # inference only; also lets the fused CPU kernels run with grad mode on
     scale = config["scale"]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all, shape_of
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, has_all, shape_of
 from ...descriptor import count_indexed as _count
 from ...errors import InvalidInputError, UnsupportedModelError
 from .network import FeMaSRConfig, FeMaSRNet, SwinConfig
@@ -279,19 +279,8 @@ def load(state_dict: StateDict) -> FeMaSRDescriptor:
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = FeMaSRNet(config)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        raise UnsupportedModelError(
-            f"FeMaSR state dict does not match the inferred layout (scale {config.scale}, "
-            f"{'SR' if config.lq_stage else 'HRP'}): missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise UnsupportedModelError(
-                f"FeMaSR tensor {k!r} has shape {tuple(sd[k].shape)}, the inferred layout needs {tuple(v.shape)}"
-            )
+    layout = f"scale {config.scale}, {'SR' if config.lq_stage else 'HRP'}"
+    check_layout("FeMaSR", layout, expected, sd, [k for k in sd if k not in expected])
     # The model owns float32 copies (conv weights already channels_last, the descriptor's default).
     owned = {k: _own(sd[k], v) for k, v in expected.items()}
     try:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all, shape_of
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, has_all, shape_of
 from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import LWayConfig, LWayReconstruction
@@ -114,18 +114,7 @@ def load(state_dict: StateDict) -> LWayDescriptor:
     expected = model.state_dict()
     ignored = [k for k in state_dict if not k.startswith(_PREFIXES)]
     unknown = [k for k in state_dict if k.startswith(_PREFIXES) and k not in expected]
-    missing = [k for k in expected if k not in state_dict]
-    if missing or unknown:
-        raise UnsupportedModelError(
-            f"LWay state dict does not match the inferred layout ({config}): "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unknown[:5]}{'...' if len(unknown) > 5 else ''}"
-        )
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise UnsupportedModelError(
-                f"LWay tensor {k!r} has shape {tuple(state_dict[k].shape)}, the inferred layout needs {tuple(v.shape)}"
-            )
+    check_layout("LWay", str(config), expected, state_dict, unknown)
     owned = {k: state_dict[k].detach().to(device="cpu", dtype=torch.float32, copy=True) for k in expected}
     model.load_state_dict(owned, strict=True, assign=True)
     model.eval().requires_grad_(False)  # a frozen module in step 2
