@@ -167,7 +167,7 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--sizes", type=int, nargs="*", default=[128, 512])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", nargs="+", default=["femasr_x4", "mmrealsr_x4"])
     p.add_argument("--tiled-size", type=int, default=512, help="input size of the tiled run (x4 -> 2048)")
