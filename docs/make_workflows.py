@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADER_OUTPUTS = [("FeMaSR", "REALSR_FEMASR_MODEL"), ("MM-RealSR", "REALSR_MMREALSR_MODEL"),
-                  ("StableSR", "REALSR_STABLESR_MODULE"), ("CFW VAE", "REALSR_CFW_VAE"), ("SR model", "REALSR_MODEL")]
+                  ("StableSR", "REALSR_STABLESR_MODULE"), ("CFW VAE", "REALSR_CFW_VAE"), ("SR model", "REALSR_MODEL"),
+                  ("LWay module", "REALSR_LWAY_MODULE")]
 SAMPLER_INPUTS = [("model", "MODEL"), ("stablesr", "REALSR_STABLESR_MODULE"), ("vae", "VAE"), ("image", "IMAGE"),
                   ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfw_vae", "REALSR_CFW_VAE")]
 
@@ -111,8 +112,37 @@ def default_upscale(model: str = "built-in/crlsr_x4.safetensors") -> dict:
     return g.to_json()
 
 
+def lway_finetune(model: str = "built-in/crlsr_x4.safetensors", module: str = "built-in/lway_rec.safetensors") -> dict:
+    """LWay: adapt the shipped CRL-SR x4 to the loaded image, then upscale it with the adapted copy."""
+    g = Graph()
+    image = g.add("LoadImage", (40, 60), (315, 314), ["realsr_example.png", "image"],
+                  outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    loader = g.add("RealSR_LoadModel", (40, 420), (315, 170), [model], outputs=LOADER_OUTPUTS)
+    module_loader = g.add("RealSR_LoadModel", (40, 640), (315, 170), [module], outputs=LOADER_OUTPUTS,
+                          title="Load LWay module")
+    # iterations, learning rate, patch size, batch size, params, seed (bench/bench_lway.py's settings)
+    tune = g.add("RealSR_LWayFinetune", (420, 60), (340, 260), [LWAY_ITERATIONS, LWAY_LR, 64, 4, "all", 0],
+                 inputs=[("model", "REALSR_MODEL"), ("images", "IMAGE"), ("lway", "REALSR_LWAY_MODULE")],
+                 outputs=[("model", "REALSR_MODEL"), ("loss", "IMAGE")])
+    up = g.add("RealSR_Upscale", (820, 60), (315, 130), ["auto", 16], inputs=[("model", "REALSR_MODEL"),
+               ("image", "IMAGE")], outputs=[("image", "IMAGE")])
+    save = g.add("SaveImage", (1180, 60), (400, 420), ["realsr_lway_crlsr_x4"], inputs=[("images", "IMAGE")])
+    plot = g.add("PreviewImage", (820, 260), (340, 240), [], inputs=[("images", "IMAGE")], title="LWay loss")
+    g.link(loader, 4, tune, "model")
+    g.link(image, 0, tune, "images")
+    g.link(module_loader, 5, tune, "lway")
+    g.link(tune, 0, up, "model")
+    g.link(image, 0, up, "image")
+    g.link(up, 0, save, "images")
+    g.link(tune, 1, plot, "images")
+    return g.to_json()
+
+
+LWAY_ITERATIONS, LWAY_LR = 100, 1e-5
+
 WORKFLOWS = {
     "crlsr_x4_default.json": default_upscale,
+    "lway_crlsr_x4.json": lway_finetune,
     "stablesr_sd21_512.json": lambda: stablesr("v2-1_512-ema-pruned.safetensors", "stablesr_000117.ckpt",
                                                prefix="realsr_stablesr_x4"),
     "stablesr_sd21_768v.json": lambda: stablesr("v2-1_768-ema-pruned.safetensors", "webui_768v_139.ckpt",

@@ -8,6 +8,7 @@ from . import host
 from .colorfix import ColorFix
 from .femasr import FeMaSRUpscale
 from .loaders import LoadRealSRModel
+from .lway import LWayFinetune, LWayFinetuneUpscaleModel
 from .mmrealsr import MMRealSRModulate
 from .stablesr import StableSRSampler
 from .upscale import RealSRUpscale
@@ -15,7 +16,7 @@ from .upscale import RealSRUpscale
 host.register_model_folder()  # before any define_schema lists the folder's files
 
 NODES: list[type[io.ComfyNode]] = [LoadRealSRModel, RealSRUpscale, FeMaSRUpscale, MMRealSRModulate, ColorFix,
-                                   StableSRSampler]
+                                   StableSRSampler, LWayFinetune, LWayFinetuneUpscaleModel]
 
 
 class RealSRExtension(ComfyExtension):

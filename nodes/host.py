@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..realsr_core import ModelDescriptor, load_model, upscale
+from ..realsr_core.adapt import FinetuneResult, finetune
 from ..realsr_core.inference import TileSize
 from ..realsr_core.weights import builtin_models, builtin_path
 
@@ -147,3 +148,37 @@ def run_upscale(model: RealSRModel, image: Tensor, *, tile: str, overlap: int, *
     finally:
         _offload(model.patcher)
     return res.image.movedim(1, -1), res.context
+
+
+def run_finetune(model: Any, image: Tensor, lway: RealSRModel, *, iterations: int, **options: Any) -> FinetuneResult:
+    """LWay fine-tuning of ``model`` (a core descriptor or a spandrel one) on a ComfyUI IMAGE [B, H, W, C].
+
+    The core trains a private copy on the GPU (gradients on despite ComfyUI's inference mode); the input
+    model is never changed, and the adapted copy comes back on the offload device, so the GPU holds the
+    training state only while this node runs.
+    """
+    device = mm.get_torch_device()
+    net = model.model
+    params = sum(p.numel() * 4 for p in net.parameters())
+    p, b = options.get("patch_size", 64), options.get("batch_size", 4)
+    scale = getattr(model, "scale", 4)
+    # Weights, grads and Adam's two moments in float32, plus the autograd activations of one patch batch
+    # (~2 KB per SR pixel for these conv nets, measured on CRL-SR / RRDB) and the frozen E + R.
+    required = 4 * params + b * (p * scale) ** 2 * 2048 + sum(q.numel() * 4 for q in lway.desc.model.parameters())
+    mm.free_memory(required, device)
+    pbar = comfy.utils.ProgressBar(iterations)
+    try:
+        result = finetune(model, image.movedim(-1, 1), lway.desc, iterations=iterations, device=device,
+                          progress=lambda done, total, _loss: pbar.update_absolute(done, total),
+                          cancel=_interrupt_check, **options)
+    finally:
+        mm.soft_empty_cache()
+    result.model.to(mm.unet_offload_device())
+    return result
+
+
+def wrap(desc: ModelDescriptor, name: str) -> RealSRModel:
+    """A core descriptor made in a node (e.g. an adapted model) put under model management like a loaded one."""
+    patcher = comfy.model_patcher.ModelPatcher(desc.model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return RealSRModel(desc, name, patcher)

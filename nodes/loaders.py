@@ -15,13 +15,15 @@ class LoadRealSRModel(io.ComfyNode):
             node_id=f"{PREFIX}LoadModel",
             display_name="Load RealSR Model",
             category=CATEGORY,
-            description="Loads a FeMaSR, MM-RealSR, CRL-SR, StableSR module or CFW VAE checkpoint (official file names "
-            "and containers) from models/realsr or models/upscale_models, or the shipped CRL-SR x4 model "
-            "(built-in/...). Only the output of the file's family carries the model; 'SR model' carries any "
-            "feed-forward upscaler (FeMaSR, MM-RealSR, CRL-SR) for 'RealSR Upscale' and LWay.",
+            description="Loads a FeMaSR, MM-RealSR, CRL-SR, StableSR module, CFW VAE or LWay module checkpoint "
+            "(official file names and containers) from models/realsr or models/upscale_models, or a model shipped "
+            "with the pack (built-in/...: the CRL-SR x4 upscaler and the LWay module). Only the output of the file's "
+            "family carries the model; 'SR model' carries any feed-forward upscaler (FeMaSR, MM-RealSR, CRL-SR) for "
+            "'RealSR Upscale' and LWay.",
             inputs=[
                 io.Combo.Input("model_name", options=host.model_files(),
-                               tooltip="built-in/crlsr_x4.safetensors (shipped, no download) or a checkpoint in "
+                               tooltip="built-in/crlsr_x4.safetensors or built-in/lway_rec.safetensors (shipped, no "
+                               "download) or a checkpoint in "
                                "models/realsr (or models/upscale_models), e.g. FeMaSR_SRX4_model_g.pth, "
                                "MMRealSRGAN.pth, stablesr_000117.ckpt or vqgan_cfw_00011.ckpt."),
             ],

@@ -10,6 +10,8 @@ StableSRModule = io.Custom("REALSR_STABLESR_MODULE")
 CFWVae = io.Custom("REALSR_CFW_VAE")
 # Any feed-forward SR model of the pack (FeMaSR, MM-RealSR, CRL-SR): the generic upscale node, LWay.
 SRModel = io.Custom("REALSR_MODEL")
+# LWay's frozen LR-reconstruction branch (degradation encoder E + reconstructor R).
+LWayModule = io.Custom("REALSR_LWAY_MODULE")
 FEED_FORWARD = ("femasr", "mmrealsr", "crlsr")
 
 CATEGORY = "image/upscaling/RealSR"
@@ -23,4 +25,5 @@ LOADER_OUTPUTS = [
     ("stablesr", StableSRModule, "StableSR"),
     ("stablesr_cfw", CFWVae, "CFW VAE"),
     (FEED_FORWARD, SRModel, "SR model"),
+    ("lway", LWayModule, "LWay module"),
 ]

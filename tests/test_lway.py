@@ -327,3 +327,23 @@ def test_spandrel_model_finetunes_and_still_runs_in_spandrel(lr_photo: torch.Ten
     assert type(res_d.model) is type(loaded) and res_d.model.model is not loaded.model
     assert res_d.model(lr_photo[..., :20, :20]).shape == (1, 3, 80, 80)
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_loss_curve_image_draws_the_curve_and_its_trend() -> None:
+    from realsr_core.adapt.plot import loss_curve_image, moving_average
+
+    vals = [1.0, 3.0, 2.0, 6.0, 5.0]
+    assert moving_average(vals, 2) == pytest.approx([1.0, 2.0, 2.5, 4.0, 5.5])
+    assert moving_average(vals, 1) == pytest.approx(vals)
+    falling = [math.exp(-i / 20) for i in range(200)]
+    img = loss_curve_image(falling, width=320, height=200)
+    assert img.shape == (200, 320, 3) and img.dtype == torch.float32
+    assert 0.0 <= img.min().item() and img.max().item() <= 1.0
+    # The dark smoothed line: high on the left of the plot area, low on the right.
+    dark = (img[..., 2] > 0.5) & (img[..., 0] < 0.2)
+    left_rows = dark[:, 70:90].nonzero()[:, 0].float().mean()
+    right_rows = dark[:, 280:300].nonzero()[:, 0].float().mean()
+    assert left_rows < right_rows - 50
+    assert loss_curve_image([]).shape == (360, 640, 3)  # no iterations: an empty plot that says so
+    with pytest.raises(ValueError, match="at least 160x120"):
+        loss_curve_image(falling, width=100, height=100)

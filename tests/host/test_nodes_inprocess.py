@@ -26,7 +26,7 @@ def loaded(comfy):
 def test_pack_registered_with_prefixed_ids(comfy) -> None:
     ours = sorted(k for k in comfy.nodes if k.startswith(PREFIX))
     assert ours == sorted(f"{PREFIX}{n}" for n in ("LoadModel", "Upscale", "FeMaSRUpscale", "MMRealSRModulate", "ColorFix",
-                                                   "StableSRSampler"))
+                                                   "StableSRSampler", "LWayFinetune", "LWayFinetuneUpscaleModel"))
     for name in ours:
         schema = comfy.nodes[name].define_schema()
         assert schema.category.startswith("image/upscaling/RealSR")
@@ -42,7 +42,8 @@ def test_loader_lists_files_and_types_outputs(comfy, loaded) -> None:
     assert {"FeMaSR_SRX4_model_g.pth", "MMRealSRGAN.pth", "built-in/crlsr_x4.safetensors"} <= set(files)
     assert files[0] == "built-in/crlsr_x4.safetensors"  # the shipped model first: it needs no download
     assert [o.get_io_type() for o in schema.outputs] == ["REALSR_FEMASR_MODEL", "REALSR_MMREALSR_MODEL",
-                                                          "REALSR_STABLESR_MODULE", "REALSR_CFW_VAE", "REALSR_MODEL"]
+                                                          "REALSR_STABLESR_MODULE", "REALSR_CFW_VAE", "REALSR_MODEL",
+                                                          "REALSR_LWAY_MODULE"]
     assert loaded["femasr"].desc.name == "FeMaSR x4"
     assert type(loaded["femasr_outputs"][1]).__name__ == "NotThisModel"
 
@@ -69,7 +70,7 @@ def test_femasr_upscale_under_model_management(comfy, loaded) -> None:
 def test_generic_upscale_runs_the_shipped_model_and_any_feed_forward_family(comfy, loaded) -> None:
     mm = comfy.model_management
     outs = _out(comfy.nodes[f"{PREFIX}LoadModel"].execute(model_name="built-in/crlsr_x4.safetensors"))
-    assert [type(o).__name__ for o in outs] == ["NotThisModel"] * 4 + ["RealSRModel"]
+    assert [type(o).__name__ for o in outs] == ["NotThisModel"] * 4 + ["RealSRModel", "NotThisModel"]
     assert outs[4].arch == "crlsr" and outs[4].desc.scale == 4
     node = comfy.nodes[f"{PREFIX}Upscale"]
     x = bhwc(skimage_photo("chelsea")[:, :, 40:88, 100:164])

@@ -1,0 +1,117 @@
+"""LWay's claim on our data (issue 6): does self-supervised fine-tuning on the LR image itself help an SR model
+whose training degradations differ from the test image's?
+
+SR model: the shipped CRL-SR x4 (trained on the CRL-SR paper's classical and spatially variant degradations).
+Test images: the held-out photos (``realsr_core.training.data.HELDOUT``, never trained on by either model),
+mod-cropped to 4 and degraded once per family with a fixed seed by a *different* family: BSRGAN's
+``degradation_bsrgan`` and Real-ESRGAN's second-order pipeline.  For every image: PSNR / SSIM on Y (4 px
+border cropped) and NIQE of the whole-image x4 result before and after LWay (``realsr_core.adapt.finetune``
+on that LR image alone, with the shipped LWay module), and the time per fine-tuning iteration.
+
+Usage::
+
+    python bench/bench_lway.py [--iterations 100] [--lr 1e-5] [--families bsrgan realesrgan]
+                               [--device cpu|cuda] [--threads 2] [--json bench/out/lway.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from realsr_core import load_model  # noqa: E402
+from realsr_core.adapt import finetune  # noqa: E402
+from realsr_core.training.data import photos  # noqa: E402
+from realsr_core.training.degradations import bsrgan, realesrgan  # noqa: E402
+from realsr_core.training.metrics import niqe, psnr_y, ssim_y  # noqa: E402
+from realsr_core.weights import builtin_path  # noqa: E402
+
+SCALE = 4
+FAMILIES = {"bsrgan": bsrgan, "realesrgan": realesrgan}
+
+
+def degraded(family: str, seed: int, only: list[str] | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(photo, lr, hr) for every held-out photo, degraded by ``family`` with one generator seeded once (a photo
+    gets the same degradation whether or not ``only`` leaves others out)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name, img in photos("heldout"):
+        h, w = (s // SCALE * SCALE for s in img.shape[-2:])
+        hr = img[None, :, :h, :w].contiguous()
+        lr = FAMILIES[family](hr, SCALE, g).clamp(0, 1)
+        if not only or name in only:
+            out.append((name, lr, hr))
+    return out
+
+
+def measure(desc, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+    with torch.inference_mode():
+        sr = desc.forward(lr.to(desc.device)).float().cpu().clamp(0, 1)
+    return {"psnr_y": float(psnr_y(sr, hr, crop_border=SCALE)[0]), "ssim_y": float(ssim_y(sr, hr, crop_border=SCALE)[0]),
+            "niqe": float(niqe(sr[0]))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(builtin_path("crlsr_x4.safetensors")))
+    p.add_argument("--lway", default=str(builtin_path("lway_rec.safetensors")))
+    p.add_argument("--families", nargs="+", default=["bsrgan", "realesrgan"], choices=sorted(FAMILIES))
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--patch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--params", default="all")
+    p.add_argument("--seed", type=int, default=0, help="degradation seed (the fine-tuning seed is fixed at 0)")
+    p.add_argument("--photos", nargs="*", default=None, help="only these held-out photos")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    model = load_model(a.model, device=dev)
+    rec = load_model(a.lway, device=dev)
+    rows = []
+    for family in a.families:
+        for name, lr, hr in degraded(family, a.seed, a.photos):
+            before = measure(model, lr, hr)
+            t0 = time.perf_counter()
+            res = finetune(model, lr, rec, iterations=a.iterations, lr=a.lr, patch_size=a.patch_size,
+                           batch_size=a.batch_size, params=a.params, device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            per_it = (time.perf_counter() - t0) / max(a.iterations, 1)
+            after = measure(res.model, lr, hr)
+            row = {"family": family, "photo": name, "lr_size": f"{lr.shape[-1]}x{lr.shape[-2]}", "before": before,
+                   "after": after, "gain_db": after["psnr_y"] - before["psnr_y"],
+                   "ssim_gain": after["ssim_y"] - before["ssim_y"], "niqe_change": after["niqe"] - before["niqe"],
+                   "s_per_iteration": per_it, "loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
+                   "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:]))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    gains = [r["gain_db"] for r in rows]
+    summary = {"images": len(rows), "improved": sum(g > 0 for g in gains), "median_gain_db": statistics.median(gains),
+               "mean_gain_db": statistics.fmean(gains), "worst_gain_db": min(gains),
+               "median_s_per_iteration": statistics.median(r["s_per_iteration"] for r in rows)}
+    print(json.dumps(summary, indent=1))
+    if a.json:
+        meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+                + (f", {torch.cuda.get_device_name(0)}" if dev.type == "cuda" else ""),
+                "date": time.strftime("%Y-%m-%d"), "args": vars(a),
+                "model_step": model.config.get("step"), "lway_step": rec.config.get("step")}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
