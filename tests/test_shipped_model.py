@@ -50,3 +50,40 @@ def test_beats_bicubic_on_a_held_out_photo(setting: str, min_gain_db: float) -> 
     assert sr.shape == hr.shape and 0 <= sr.min() and sr.max() <= 1
     gain = float(psnr_y(sr, hr, crop_border=4)[0] - psnr_y(bic, hr, crop_border=4)[0])
     assert gain > min_gain_db, gain
+
+
+# ------------------------------------------------------------------------------------------ LWay module
+LWAY_FILE = "lway_rec.safetensors"
+
+
+def test_shipped_lway_module_loads_with_its_card() -> None:
+    assert LWAY_FILE in builtin_models()
+    path = builtin_path(LWAY_FILE)
+    assert path.stat().st_size < MAX_BYTES
+    desc = load_model(path)
+    assert desc.arch == "lway" and desc.purpose == "Module" and desc.ignored_keys == []
+    card = path.with_suffix(".md").read_text()
+    for words in ("Data", "Degradations", "Steps", "PSNR"):
+        assert words in card
+
+
+@pytest.mark.parametrize("family", ["bsrgan", "realesrgan"])
+def test_shipped_lway_module_reproduces_a_real_degradation(family: str) -> None:
+    """R(HR, E(up(LR))) must be closer to up(LR) than the clean HR crop is: E has read the degradation of this
+    held-out photo from the LR image alone, and R re-applies it.  This is what makes LWay's loss informative."""
+    from realsr_core.models.lway.network import bicubic_resize
+    from realsr_core.training.degradations import bsrgan, realesrgan
+
+    hr = skimage_photo("chelsea")[:, :, 40:232, 120:312]  # 192x192, held out
+    g = torch.Generator().manual_seed(3)
+    lr = (bsrgan if family == "bsrgan" else realesrgan)(hr, 4, g)
+    rec = load_model(builtin_path(LWAY_FILE)).model
+    with torch.no_grad():
+        target = bicubic_resize(lr, hr.shape[-2:])
+        recon = rec.reconstructor(hr, rec.embed(target))
+    gain = float(psnr_y(recon.clamp(0, 1), target.clamp(0, 1), crop_border=4)[0]
+                 - psnr_y(hr, target.clamp(0, 1), crop_border=4)[0])
+    assert gain > LWAY_MIN_GAIN_DB, gain
+
+
+LWAY_MIN_GAIN_DB = 0.5
