@@ -6,7 +6,9 @@ Test images: the held-out photos (``realsr_core.training.data.HELDOUT``, never t
 mod-cropped to 4 and degraded once per family with a fixed seed by a *different* family: BSRGAN's
 ``degradation_bsrgan`` and Real-ESRGAN's second-order pipeline.  For every image: PSNR / SSIM on Y (4 px
 border cropped) and NIQE of the whole-image x4 result before and after LWay (``realsr_core.adapt.finetune``
-on that LR image alone, with the shipped LWay module), and the time per fine-tuning iteration.
+on that LR image alone, with the shipped LWay module), the time per fine-tuning iteration, and LWay's own loss
+on the whole image for the clean HR, the SR result before and after, and bicubic (which one the objective
+prefers; ``--iterations 0`` gives only this and the "before" metrics).
 
 Usage::
 
@@ -30,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from realsr_core import load_model  # noqa: E402
-from realsr_core.adapt import finetune  # noqa: E402
+from realsr_core.adapt import finetune, hf_weight_map, lway_loss  # noqa: E402
+from realsr_core.models.lway.network import bicubic_resize  # noqa: E402
 from realsr_core.training.data import photos  # noqa: E402
 from realsr_core.training.degradations import bsrgan, realesrgan  # noqa: E402
 from realsr_core.training.metrics import niqe, psnr_y, ssim_y  # noqa: E402
@@ -54,11 +57,19 @@ def degraded(family: str, seed: int, only: list[str] | None = None) -> list[tupl
     return out
 
 
-def measure(desc, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+def measure(desc, lr: torch.Tensor, hr: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
     with torch.inference_mode():
         sr = desc.forward(lr.to(desc.device)).float().cpu().clamp(0, 1)
     return {"psnr_y": float(psnr_y(sr, hr, crop_border=SCALE)[0]), "ssim_y": float(ssim_y(sr, hr, crop_border=SCALE)[0]),
-            "niqe": float(niqe(sr[0]))}
+            "niqe": float(niqe(sr[0]))}, sr
+
+
+def whole_image_losses(rec, lr: torch.Tensor, candidates: dict[str, torch.Tensor]) -> dict[str, float]:
+    """LWay's loss on the whole image (x 1e4) for each candidate SR-size image: which one the objective prefers."""
+    with torch.inference_mode():
+        up = bicubic_resize(lr, candidates["hr"].shape[-2:])
+        e, w = rec.model.embed(up), hf_weight_map(up)
+        return {k: float(lway_loss(rec.model.reconstructor(v, e), up, w)) * 1e4 for k, v in candidates.items()}
 
 
 def main() -> None:
@@ -84,19 +95,22 @@ def main() -> None:
     rows = []
     for family in a.families:
         for name, lr, hr in degraded(family, a.seed, a.photos):
-            before = measure(model, lr, hr)
+            before, sr0 = measure(model, lr, hr)
             t0 = time.perf_counter()
             res = finetune(model, lr, rec, iterations=a.iterations, lr=a.lr, patch_size=a.patch_size,
                            batch_size=a.batch_size, params=a.params, device=dev)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             per_it = (time.perf_counter() - t0) / max(a.iterations, 1)
-            after = measure(res.model, lr, hr)
+            after, sr1 = measure(res.model, lr, hr)
+            bic = bicubic_resize(lr, hr.shape[-2:]).clamp(0, 1)
+            losses = whole_image_losses(rec, lr, {"hr": hr, "sr_before": sr0, "sr_after": sr1, "bicubic": bic})
             row = {"family": family, "photo": name, "lr_size": f"{lr.shape[-1]}x{lr.shape[-2]}", "before": before,
                    "after": after, "gain_db": after["psnr_y"] - before["psnr_y"],
                    "ssim_gain": after["ssim_y"] - before["ssim_y"], "niqe_change": after["niqe"] - before["niqe"],
                    "s_per_iteration": per_it, "loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
-                   "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:]))}
+                   "loss_last10": sum(res.losses[-10:]) / max(1, len(res.losses[-10:])),
+                   "whole_image_loss_x1e4": losses}
             rows.append(row)
             print(json.dumps(row), flush=True)
     gains = [r["gain_db"] for r in rows]

@@ -13,6 +13,7 @@ _DESCRIPTION = (
     "LWay (Low-Res Leads the Way, CVPR 2024): fine-tunes a copy of the SR model on the LR image(s) themselves: "
     "super-resolve random patches, degrade the result again with the frozen LWay module conditioned on the "
     "image's own degradation, and match the input, weighted toward its edges. The input model is left as it was. "
+    "Compare the result with the unadapted model's: on heavily compressed or noisy inputs it can get worse. "
 )
 
 
@@ -25,7 +26,8 @@ def _inputs() -> list[io.Input]:
         io.Int.Input("iterations", default=100, min=1, max=5000,
                      tooltip="Optimiser steps (the paper: 100-700). Each step super-resolves batch_size patches."),
         io.Float.Input("learning_rate", default=1e-5, min=1e-7, max=1e-3, step=1e-6,
-                       tooltip="Adam learning rate (the paper: 2e-6 to 5e-5). Too high sharpens noise."),
+                       tooltip="Adam learning rate (the paper: 2e-6 to 5e-5). Keep it small: on noisy or JPEG-compressed "
+                       "images LWay can pull the result toward the input's artifacts (see BENCHMARKS.md, LWay)."),
         io.Int.Input("patch_size", default=64, min=16, max=256, step=8,
                      tooltip="Side of the random LR patches (capped by the smallest image side)."),
         io.Int.Input("batch_size", default=4, min=1, max=32, tooltip="Patches per step."),

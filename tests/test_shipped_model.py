@@ -70,20 +70,21 @@ def test_shipped_lway_module_loads_with_its_card() -> None:
 @pytest.mark.parametrize("family", ["bsrgan", "realesrgan"])
 def test_shipped_lway_module_reproduces_a_real_degradation(family: str) -> None:
     """R(HR, E(up(LR))) must be closer to up(LR) than the clean HR crop is: E has read the degradation of this
-    held-out photo from the LR image alone, and R re-applies it.  This is what makes LWay's loss informative."""
+    held-out photo from the LR image alone, and R re-applies it.  Three random degradations per family (the
+    gain varies with how strong each is: 0.8-9.7 dB for the shipped module); the mean must clear the floor."""
     from realsr_core.models.lway.network import bicubic_resize
     from realsr_core.training.degradations import bsrgan, realesrgan
 
     hr = skimage_photo("chelsea")[:, :, 40:232, 120:312]  # 192x192, held out
-    g = torch.Generator().manual_seed(3)
-    lr = (bsrgan if family == "bsrgan" else realesrgan)(hr, 4, g)
     rec = load_model(builtin_path(LWAY_FILE)).model
-    with torch.no_grad():
-        target = bicubic_resize(lr, hr.shape[-2:])
-        recon = rec.reconstructor(hr, rec.embed(target))
-    gain = float(psnr_y(recon.clamp(0, 1), target.clamp(0, 1), crop_border=4)[0]
-                 - psnr_y(hr, target.clamp(0, 1), crop_border=4)[0])
-    assert gain > LWAY_MIN_GAIN_DB, gain
+    gains = []
+    for seed in (3, 4, 5):
+        lr = (bsrgan if family == "bsrgan" else realesrgan)(hr, 4, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            target = bicubic_resize(lr, hr.shape[-2:]).clamp(0, 1)
+            recon = rec.reconstructor(hr, rec.embed(target)).clamp(0, 1)
+        gains.append(float(psnr_y(recon, target, crop_border=4)[0] - psnr_y(hr, target, crop_border=4)[0]))
+    assert min(gains) > 0 and sum(gains) / len(gains) > LWAY_MIN_MEAN_GAIN_DB, gains
 
 
-LWAY_MIN_GAIN_DB = 0.5
+LWAY_MIN_MEAN_GAIN_DB = 1.0

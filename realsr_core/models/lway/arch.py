@@ -41,7 +41,8 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
 
     Returns:
         ``embed_dim``, ``enc_feat``, ``enc_blocks``, ``enc_channels`` (list), ``mlp_layers``, ``rec_feat``,
-        ``rec_blocks``, ``noise``, ``unshuffle``.
+        ``rec_blocks``, ``noise``, ``unshuffle``, ``kernel_size``, ``scale`` (0, 0 for a reconstructor without
+        the predicted-kernel base path).
 
     Raises:
         UnsupportedModelError: not this layout, or shapes that contradict each other.
@@ -71,7 +72,16 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
         "rec_blocks": rec_blocks,
         "noise": rec_blocks > 0 and "reconstructor.blocks.0.noise_strength" in state_dict,
         "unshuffle": unshuffle,
+        "kernel_size": 0,
+        "scale": 0,
     }
+    if "reconstructor.kernel_head.weight" in state_dict:
+        taps = shape_of(state_dict, "reconstructor.kernel_head.weight", "LWay")[0]
+        config["kernel_size"] = round(taps**0.5)
+        if "reconstructor.base_scale" not in state_dict or config["kernel_size"] ** 2 != taps:
+            raise UnsupportedModelError(f"LWay reconstructor kernel head has {taps} outputs (expected a square "
+                                        "number) or no base_scale: an incomplete or foreign file")
+        config["scale"] = int(round(float(state_dict["reconstructor.base_scale"])))
     if rec_blocks:
         style = shape_of(state_dict, "reconstructor.blocks.0.modconv.style.weight", "LWay")
         if style != (config["rec_feat"], embed_dim):

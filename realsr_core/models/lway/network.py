@@ -112,6 +112,9 @@ class LWayConfig:
         rec_blocks: residual + modulated-conv blocks of R (4 in DegAE).
         noise: R has StyleGAN2 noise-injection strengths (applied in training mode only).
         unshuffle: space-to-depth factor of E's trunk and of R (1 = full resolution).
+        kernel_size: side of the blur kernel R predicts from the embedding for its base path (0 = no base
+            path: R's global skip is the input image itself).
+        scale: the SR factor R's base path resamples by (down, then back up); used with ``kernel_size``.
     """
 
     embed_dim: int = 512
@@ -123,6 +126,8 @@ class LWayConfig:
     rec_blocks: int = 4
     noise: bool = True
     unshuffle: int = 2
+    kernel_size: int = 0
+    scale: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enc_channels", tuple(int(c) for c in self.enc_channels))
@@ -134,6 +139,9 @@ class LWayConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"LWayConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.kernel_size < 0 or (self.kernel_size and self.kernel_size % 2 == 0) or self.scale < 0:
+            raise ValueError(f"LWayConfig: kernel_size must be 0 or odd and scale >= 0, got {self.kernel_size}, "
+                             f"{self.scale}")
         if not self.enc_channels or min(self.enc_channels) < 1:
             raise ValueError(f"LWayConfig.enc_channels must be a non-empty list of widths, got {self.enc_channels}")
 
@@ -256,10 +264,19 @@ class Reconstructor(nn.Module):
 
     On the pixel-unshuffled image (``unshuffle``): ``conv_first`` + LeakyReLU, ``blocks``
     (:class:`ModulatedResBlock`), ``conv_hr`` + LeakyReLU, ``conv_last``; pixel-shuffled back and added to
-    the input image (global skip).
+    a base image (global skip).
+
+    The base is the input itself, or (``kernel_size`` > 0) the input blurred by a kernel predicted from the
+    embedding (``kernel_head``: a linear map to ``kernel_size^2`` logits, softmax: positive, sums to 1) and
+    resampled down by ``scale`` and back up (bicubic).  Why: the target of step 1, an upsampled LR image, is
+    band-limited to the LR grid and its blur varies per image; a residual network starting from the input
+    has to learn a strong per-image low-pass filter from scratch (after 1,350 CPU steps ours still
+    reconstructed the HR crop worse than a blurry SR result, which made LWay's loss prefer blur), while a
+    predicted kernel plus the known resampling gives that part directly and leaves the network the
+    non-linear rest (noise, JPEG, sensor effects).
 
     Args:
-        embed_dim, rec_feat, rec_blocks, noise, unshuffle: see :class:`LWayConfig`.
+        embed_dim, rec_feat, rec_blocks, noise, unshuffle, kernel_size, scale: see :class:`LWayConfig`.
         in_channels: image channels (input and output).
 
     Shape:
@@ -275,9 +292,20 @@ class Reconstructor(nn.Module):
         noise: bool = True,
         unshuffle: int = 2,
         in_channels: int = 3,
+        kernel_size: int = 0,
+        scale: int = 0,
     ) -> None:
         super().__init__()
         self.unshuffle = unshuffle
+        self.kernel_size = kernel_size
+        if kernel_size:
+            self.kernel_head = nn.Linear(embed_dim, kernel_size * kernel_size)
+            with torch.no_grad():  # start from a Gaussian of width 1.5 px, whatever the embedding
+                self.kernel_head.weight.normal_(0.0, 1e-3)
+                r = torch.arange(kernel_size, dtype=torch.float32) - kernel_size // 2
+                self.kernel_head.bias.copy_((-(r[:, None] ** 2 + r[None] ** 2) / (2 * 1.5**2)).flatten())
+            # Stored in the state dict so a loaded file knows its factor (float: the loader casts to float32).
+            self.register_buffer("base_scale", torch.tensor(float(scale)))
         grid_channels = in_channels * unshuffle * unshuffle
         self.conv_first = nn.Conv2d(grid_channels, rec_feat, 3, 1, 1)
         self.blocks = nn.ModuleList(ModulatedResBlock(rec_feat, embed_dim, noise) for _ in range(rec_blocks))
@@ -287,6 +315,20 @@ class Reconstructor(nn.Module):
             self.conv_last.weight.mul_(_LAST_INIT_SCALE)
             self.conv_last.bias.zero_()
 
+    def base(self, image: Tensor, e: Tensor) -> Tensor:
+        """The base image the residual network adds to (see the class doc); (B, C, H, W) -> same."""
+        if not self.kernel_size:
+            return image
+        b, c, h, w = image.shape
+        k = self.kernel_size
+        kernel = self.kernel_head(e.reshape(b, -1)).softmax(-1).reshape(b, 1, k, k).to(image.dtype)
+        x = F.pad(image, (k // 2,) * 4, mode="replicate").reshape(1, b * c, h + k - 1, w + k - 1)
+        x = F.conv2d(x, kernel.repeat_interleave(c, dim=0), groups=b * c).reshape(b, c, h, w)
+        s = int(self.base_scale)
+        if s > 1:
+            x = bicubic_resize(bicubic_resize(x, (max(1, h // s), max(1, w // s))), (h, w))
+        return x
+
     def forward(self, image: Tensor, e: Tensor) -> Tensor:
         h, w = image.shape[-2:]
         x = F.leaky_relu(self.conv_first(_to_grid(image, self.unshuffle)), _SLOPE)
@@ -295,7 +337,7 @@ class Reconstructor(nn.Module):
         x = self.conv_last(F.leaky_relu(self.conv_hr(x), _SLOPE))
         if self.unshuffle > 1:
             x = F.pixel_shuffle(x, self.unshuffle)[..., :h, :w]
-        return image + x
+        return self.base(image, e) + x
 
 
 @functools.lru_cache(maxsize=1)
@@ -322,8 +364,8 @@ class LWayReconstruction(nn.Module):
     """LWay's LR-reconstruction branch: ``forward(sr, lr_up) = R(sr, E(lr_up))``.
 
     Args:
-        embed_dim, enc_feat, enc_blocks, enc_channels, mlp_layers, rec_feat, rec_blocks, noise, unshuffle:
-            see :class:`LWayConfig`.
+        embed_dim, enc_feat, enc_blocks, enc_channels, mlp_layers, rec_feat, rec_blocks, noise, unshuffle,
+            kernel_size, scale: see :class:`LWayConfig`.
         lpips_weight: weight of the LPIPS term of step 1 (the paper's loss is L1 + LPIPS).  LPIPS is used
             only when the ``lpips`` package and its AlexNet weights are already installed (nothing is
             downloaded); otherwise step 1 trains with L1 alone.
@@ -342,15 +384,17 @@ class LWayReconstruction(nn.Module):
         rec_blocks: int = 4,
         noise: bool = True,
         unshuffle: int = 2,
+        kernel_size: int = 0,
+        scale: int = 0,
         *,
         lpips_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.config = LWayConfig(embed_dim, enc_feat, enc_blocks, tuple(enc_channels), mlp_layers, rec_feat,
-                                 rec_blocks, noise, unshuffle)
+                                 rec_blocks, noise, unshuffle, kernel_size, scale)
         self.lpips_weight = float(lpips_weight)
         self.encoder = DegradationEncoder(embed_dim, enc_feat, enc_blocks, enc_channels, mlp_layers, unshuffle)
-        self.reconstructor = Reconstructor(embed_dim, rec_feat, rec_blocks, noise, unshuffle)
+        self.reconstructor = Reconstructor(embed_dim, rec_feat, rec_blocks, noise, unshuffle, 3, kernel_size, scale)
 
     @classmethod
     def from_config(cls, config: LWayConfig | dict[str, Any], **kwargs: Any) -> LWayReconstruction:
