@@ -71,3 +71,14 @@ def comfy(models_dir: Path):
 def bhwc(x: torch.Tensor) -> torch.Tensor:
     """NCHW -> ComfyUI IMAGE [B, H, W, C]."""
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def cancel_on_first_tick(mm, ticks: list[int]):
+    """A progress hook that records each tick and presses Cancel (as the UI does) at the first one."""
+
+    def hook(value, total, preview, node_id=None):
+        ticks.append(value)
+        if len(ticks) == 1:
+            mm.interrupt_current_processing(True)
+
+    return hook

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_host import bhwc
+from comfy_host import bhwc, cancel_on_first_tick
 from helpers import skimage_photo
 from safetensors.torch import save_file
 
@@ -121,13 +121,7 @@ def test_interrupt_leaves_the_model_and_the_next_run_works(comfy, models) -> Non
     before = _snapshot(sr.desc.model)
     x = bhwc(skimage_photo("astronaut")[:, :, 100:164, 150:214])
     ticks: list[int] = []
-
-    def hook(value, total, preview, node_id=None):
-        ticks.append(value)
-        if len(ticks) == 1:
-            mm.interrupt_current_processing(True)  # what the UI's Cancel does
-
-    comfy.utils.set_progress_bar_global_hook(hook)
+    comfy.utils.set_progress_bar_global_hook(cancel_on_first_tick(mm, ticks))
     try:
         with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
             comfy.nodes[f"{PREFIX}LWayFinetune"].execute(model=sr, images=x, lway=lway_outputs[5],

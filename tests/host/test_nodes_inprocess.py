@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_host import bhwc
+from comfy_host import bhwc, cancel_on_first_tick
 from helpers import FIXTURES as ROOT_FIXTURES
 from helpers import load_png, skimage_photo
 
@@ -140,13 +140,7 @@ def test_interrupt_stops_within_one_tile_then_next_run_works(comfy, loaded) -> N
     node = comfy.nodes[f"{PREFIX}FeMaSRUpscale"]
     x = bhwc(skimage_photo("astronaut")[:, :, 100:228, 150:278])  # 128x128 -> 16 tiles of 32
     ticks: list[int] = []
-
-    def hook(value, total, preview, node_id=None):
-        ticks.append(value)
-        if len(ticks) == 1:
-            mm.interrupt_current_processing(True)  # what the UI's Cancel does
-
-    comfy.utils.set_progress_bar_global_hook(hook)
+    comfy.utils.set_progress_bar_global_hook(cancel_on_first_tick(mm, ticks))
     with pytest.raises(mm.InterruptProcessingException):
         node.execute(model=loaded["femasr"], image=x, tile_size="32", overlap=8)
     assert len(ticks) == 1  # stopped before the second tile
