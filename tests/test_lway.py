@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +370,15 @@ def test_loss_curve_image_draws_the_curve_and_its_trend() -> None:
     assert loss_curve_image([]).shape == (360, 640, 3)  # no iterations: an empty plot that says so
     with pytest.raises(ValueError, match="at least 160x120"):
         loss_curve_image(falling, width=100, height=100)
+
+
+def test_module_trained_for_another_scale_warns(lr_photo: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    rec4 = LWayReconstruction(**SMALL_REC, kernel_size=3, scale=4).eval()
+    x2 = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, 1, 1), torch.nn.PixelShuffle(2))
+    with pytest.warns(UserWarning, match="trained for x4 and the SR model is x2"):
+        finetune(x2, lr_photo[..., :32, :32], rec4, iterations=1, patch_size=16, batch_size=1)
+    rec2 = LWayReconstruction(**SMALL_REC, kernel_size=3, scale=2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune(x2, lr_photo[..., :32, :32], rec2, iterations=1, patch_size=16, batch_size=1)

@@ -30,6 +30,7 @@ import copy
 import inspect
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -419,7 +420,12 @@ def _prepare(
         runner.scale = int(round(out.shape[-1] / p))
         if runner.scale < 1 or out.shape[-1] != p * runner.scale:
             raise InvalidInputError(f"could not tell the model's scale ({p} px in, {out.shape[-1]} px out); pass scale=")
-    return runner, _frozen_reconstruction(reconstruction, dev), imgs, p
+    rec = _frozen_reconstruction(reconstruction, dev)
+    if rec.config.kernel_size and rec.config.scale not in (0, runner.scale):
+        # R's base path resamples by the factor it was trained for; another factor mis-models the degradation.
+        warnings.warn(f"the LWay module was trained for x{rec.config.scale} and the SR model is x{runner.scale}: "
+                      "its reconstruction (and so the fine-tuning) is only approximate", stacklevel=3)
+    return runner, rec, imgs, p
 
 
 # --------------------------------------------------------------------------------------------- API
