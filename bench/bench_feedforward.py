@@ -37,7 +37,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(ROOT))
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
+    """This process's resident memory now, MiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -45,7 +46,8 @@ def _rss_mib() -> float:
     return 0.0
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -115,7 +117,7 @@ def worker(
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    base_rss = _rss_mib()
+    base_rss = rss_mib()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
@@ -136,7 +138,7 @@ def worker(
     if dev.type == "cuda":
         res["peak_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     else:
-        res["peak_mib"] = _peak_rss_mib() - base_rss
+        res["peak_mib"] = peak_rss_mib() - base_rss
     if os.environ.get("BENCH_SAVE"):
         torch.save(out.float().cpu(), os.environ["BENCH_SAVE"])
     return res

@@ -31,12 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_crlsr import measure as quality  # noqa: E402  (this folder is on sys.path)
+
 from realsr_core import load_model  # noqa: E402
 from realsr_core.adapt import finetune, hf_weight_map, lway_loss  # noqa: E402
 from realsr_core.models.lway.network import bicubic_resize  # noqa: E402
 from realsr_core.training.data import photos  # noqa: E402
 from realsr_core.training.degradations import bsrgan, realesrgan  # noqa: E402
-from realsr_core.training.metrics import niqe, psnr_y, ssim_y  # noqa: E402
 from realsr_core.weights import builtin_path  # noqa: E402
 
 SCALE = 4
@@ -58,10 +59,10 @@ def degraded(family: str, seed: int, only: list[str] | None = None) -> list[tupl
 
 
 def measure(desc, lr: torch.Tensor, hr: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR-Y / SSIM-Y / NIQE of ``desc``'s whole-image result (the CRL-SR benchmark's metrics), and the result."""
     with torch.inference_mode():
         sr = desc.forward(lr.to(desc.device)).float().cpu().clamp(0, 1)
-    return {"psnr_y": float(psnr_y(sr, hr, crop_border=SCALE)[0]), "ssim_y": float(ssim_y(sr, hr, crop_border=SCALE)[0]),
-            "niqe": float(niqe(sr[0]))}, sr
+    return quality(sr, hr), sr
 
 
 def whole_image_losses(rec, lr: torch.Tensor, candidates: dict[str, torch.Tensor]) -> dict[str, float]:

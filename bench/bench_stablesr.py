@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_feedforward import peak_rss_mib, rss_mib  # noqa: E402  (this folder is on sys.path)
 
 
 def _clock(device: torch.device) -> float:
@@ -90,14 +91,6 @@ def overhead(device: torch.device, latent: int, steps: int) -> dict:
             "steps": rows, "overhead": best["overhead"]}
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def vae_worker(size: int, width: int, device: str, tiled: bool) -> dict:
     from realsr_core.diffusion.tiled_vae import tiled_decode
     from realsr_core.models.stablesr.cfw import build_vae
@@ -110,7 +103,7 @@ def vae_worker(size: int, width: int, device: str, tiled: bool) -> dict:
     torch.manual_seed(0)
     vae = build_vae(cfg).eval().to(dev)
     z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
-    base = _rss_mib()
+    base = rss_mib()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
@@ -125,7 +118,7 @@ def vae_worker(size: int, width: int, device: str, tiled: bool) -> dict:
     if dev.type == "cuda":
         res["peak_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     else:
-        res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        res["peak_mib"] = peak_rss_mib() - base
     return res
 
 

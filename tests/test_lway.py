@@ -27,13 +27,7 @@ from realsr_core.training.trainer import load_config, read_metadata, train
 SMALL_REC = {"enc_feat": 16, "enc_blocks": 1, "enc_channels": (32, 64), "rec_feat": 16, "rec_blocks": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many small convolutions: on the shared 2-core machine a second intra-op thread mostly waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
