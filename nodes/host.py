@@ -91,8 +91,7 @@ def load(name: str) -> RealSRModel:
             desc.to(dtype=torch.float16)
         elif desc.supports_bf16 and mm.should_use_bf16(load_device):
             desc.to(dtype=torch.bfloat16)
-    patcher = comfy.model_patcher.ModelPatcher(desc.model, load_device=load_device, offload_device=mm.unet_offload_device())
-    return RealSRModel(desc, name, patcher)
+    return wrap(desc, name)
 
 
 def require(model: Any, arch: str | tuple[str, ...], label: str) -> RealSRModel:
@@ -178,7 +177,7 @@ def run_finetune(model: Any, image: Tensor, lway: RealSRModel, *, iterations: in
 
 
 def wrap(desc: ModelDescriptor, name: str) -> RealSRModel:
-    """A core descriptor made in a node (e.g. an adapted model) put under model management like a loaded one."""
+    """A core descriptor (loaded, or made in a node such as an adapted model) under ComfyUI's model management."""
     patcher = comfy.model_patcher.ModelPatcher(desc.model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return RealSRModel(desc, name, patcher)
