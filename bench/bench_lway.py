@@ -37,11 +37,11 @@ from realsr_core import load_model  # noqa: E402
 from realsr_core.adapt import finetune, hf_weight_map, lway_loss  # noqa: E402
 from realsr_core.models.lway.network import bicubic_resize  # noqa: E402
 from realsr_core.training.data import photos  # noqa: E402
-from realsr_core.training.degradations import bsrgan, realesrgan  # noqa: E402
+from realsr_core.training.degradations import bsrgan, camera, realesrgan  # noqa: E402
 from realsr_core.weights import builtin_path  # noqa: E402
 
 SCALE = 4
-FAMILIES = {"bsrgan": bsrgan, "realesrgan": realesrgan}
+FAMILIES = {"bsrgan": bsrgan, "realesrgan": realesrgan, "camera": camera}
 
 
 def degraded(family: str, seed: int, only: list[str] | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -59,7 +59,7 @@ def test_pipeline_shape_range_and_determinism(name: str, scale: int, photos: tor
     assert lr.min() >= 0 and lr.max() <= 1
     assert torch.equal(lr, fn(photos, scale, _gen(0))), "same seed must give the same LR"
     assert not torch.equal(lr, fn(photos, scale, _gen(1))), "another seed must give another LR"
-    if name in ("bsrgan", "bsrgan_plus", "realesrgan"):
+    if name in ("bsrgan", "bsrgan_plus", "realesrgan", "camera"):
         # the originals end in 8 bit (a decoded JPEG / an explicit rounding)
         assert torch.allclose(lr * 255, (lr * 255).round(), atol=1e-4)
     # the LR still shows the photo: close to a clean downscale at the coarsest level
@@ -390,6 +390,43 @@ def test_realesrgan_parameters_in_published_ranges() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # building blocks
+
+
+def test_disk_kernel() -> None:
+    k = deg.disk_kernel(torch.tensor([0.0, 1.0, 2.5, 5.0]))
+    assert k.shape == (4, 21, 21)
+    assert torch.allclose(k.sum(dim=(-2, -1)), torch.ones(4))
+    assert k[0, 10, 10] == 1  # radius 0: the identity
+    assert torch.equal(k, k.flip(-1)) and torch.equal(k, k.transpose(-2, -1))  # a disk is round
+    # nonzero taps cover about the disk's area (antialiased edge: within one ring of taps)
+    for r, kr in zip([1.0, 2.5, 5.0], k[1:], strict=True):
+        area = float((kr > 0).sum())
+        assert math.pi * r**2 <= area <= math.pi * (r + 1.5) ** 2
+    flat = k[3][k[3] > 0.9 * k[3].max()]
+    assert flat.numel() >= 60  # a pill-box: flat inside, unlike a Gaussian
+    with pytest.raises(InvalidInputError, match="radius"):
+        deg.disk_kernel(11.0)
+
+
+def test_camera_parameters_and_low_noise(photos: torch.Tensor) -> None:
+    hr = photos[:1].expand(24, -1, -1, -1).contiguous()
+    lr, p = deg.camera(hr, 4, _gen(3), return_params=True)
+    for key, rng in [("radius", deg.CAMERA_DISK_RADIUS_RANGE), ("psf_sigma", deg.CAMERA_PSF_SIGMA_RANGE),
+                     ("shot", deg.CAMERA_SHOT_NOISE_RANGE), ("read", deg.CAMERA_READ_NOISE_RANGE),
+                     ("quality", deg.CAMERA_JPEG_RANGE)]:
+        assert p[key].shape == (24,) and p[key].unique().numel() > 5
+        assert rng[0] <= p[key].min() and p[key].max() <= rng[1], key
+    # every image of the batch got its own degradation
+    assert all(not torch.equal(lr[0], lr[i]) for i in range(1, 24))
+    # little noise: on a flat mid-grey field the LR varies at a camera's level, far below Real-ESRGAN's
+    grey = torch.full((4, 3, 64, 64), 0.5)
+    noise_camera = float(deg.camera(grey, 4, _gen(0)).std(dim=(-2, -1)).max()) * 255
+    noise_resr = float(deg.realesrgan(grey, 4, _gen(0)).std(dim=(-2, -1)).mean()) * 255
+    assert 0.2 < noise_camera < 4.0 < noise_resr
+    # the sharpest lens is still softer than a plain area downscale, the softest much softer
+    sharp = float(_laplacian(deg.camera(photos, 4, _gen(0))).abs().mean())
+    area = float(_laplacian(F.avg_pool2d(photos, 4)).abs().mean())
+    assert sharp < area
 
 
 def test_jpeg_and_usm_sharpen(photos: torch.Tensor) -> None:

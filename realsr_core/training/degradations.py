@@ -11,6 +11,10 @@ Pipelines (all registered in :data:`DEGRADATIONS`):
 * ``bsrgan`` / ``bsrgan_plus``: BSRGAN's randomly shuffled degradation model and its extension
   (Zhang et al., ICCV 2021), per image.
 * ``realesrgan``: Real-ESRGAN's second-order model (Wang et al., ICCVW 2021), batched.
+* ``camera``: our model of the real camera pairs LWay is evaluated on (RealSR / DRealSR: the same scene shot
+  at two focal lengths): lens defocus (a disk) and a small Gaussian PSF, sensor area integration, weak
+  signal-dependent sensor noise and a high-quality JPEG, batched.  Unlike the three synthetic families
+  above it has little noise, as real photos from a camera usually do.
 
 Conventions shared by every function here:
 
@@ -56,7 +60,9 @@ __all__ = [
     "bicubic_downscale",
     "bsrgan",
     "bsrgan_plus",
+    "camera",
     "classical",
+    "disk_kernel",
     "isotropic_kernel",
     "jpeg_compress",
     "random_classical_aniso",
@@ -80,6 +86,12 @@ ANISO_NOISE_RANGE: tuple[float, float] = (0.0, 25.0)
 # CRL-SR Section 4.3 / Table 1.
 SV_SIGMA_RANGE: tuple[float, float] = (0.2, 4.0)
 SV_NOISE_RANGE: tuple[float, float] = (5.0, 50.0)
+# Our camera model (see :func:`camera`): HR-pixel radii / widths, 0..255 noise levels, JPEG qualities.
+CAMERA_DISK_RADIUS_RANGE: tuple[float, float] = (0.5, 3.0)
+CAMERA_PSF_SIGMA_RANGE: tuple[float, float] = (0.3, 1.0)
+CAMERA_READ_NOISE_RANGE: tuple[float, float] = (0.5, 2.0)
+CAMERA_SHOT_NOISE_RANGE: tuple[float, float] = (0.5, 3.0)
+CAMERA_JPEG_RANGE: tuple[int, int] = (85, 95)
 
 # cv2.resize interpolations BSRGAN draws from ({INTER_LINEAR, INTER_CUBIC, INTER_AREA}) as interpolate
 # modes: torch's bilinear / bicubic (a = -0.75, half-pixel centres, no antialias) are cv2's; torch's
@@ -699,6 +711,67 @@ def _bsrgan_plus_one(x: Tensor, sf: int, g: torch.Generator, shuffle_prob: float
     return x, {"order": order, "ops": ops}
 
 
+def disk_kernel(radius: float | Tensor, size: int = KERNEL_SIZE) -> Tensor:
+    """Defocus (pill-box) kernels: the area of a disk of ``radius`` taps covering each tap, normalised.
+
+    The coverage is antialiased (a tap at distance ``d`` from the centre gets ``clamp(radius + 0.5 - d, 0, 1)``),
+    so the kernel changes smoothly with the radius; radius 0 is the identity.
+
+    Args:
+        radius: a float or (B,) radii in taps, ``<= size // 2``.
+        size: odd kernel size.
+
+    Returns:
+        (B, size, size) float32 kernels summing to 1.
+    """
+    r = torch.as_tensor(radius, dtype=torch.float64).detach().cpu().flatten()
+    if (r < 0).any() or (r > size // 2).any():
+        raise InvalidInputError(f"disk radius must be in [0, {size // 2}], got {r.tolist()}")
+    x, y = _offsets(size)
+    d = (x.square() + y.square()).sqrt()
+    return _normalise((r[:, None, None] + 0.5 - d[None]).clamp(0, 1))
+
+
+def camera(hr: Tensor, scale: int, generator: torch.Generator, *,
+           return_params: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """A digital camera's degradation, modelled on the real LR / HR pairs of RealSR and DRealSR, batched.
+
+    Per image: defocus blur (disk of radius ``CAMERA_DISK_RADIUS_RANGE`` HR px) and the lens PSF (Gaussian of
+    width ``CAMERA_PSF_SIGMA_RANGE``); the sensor integrates each LR pixel over its ``scale x scale`` HR
+    footprint (area downsampling); signal-dependent noise ``N(0, (shot^2 * x + read^2) / 255^2)`` per colour
+    sample, with ``shot`` and ``read`` levels (0..255 units at x = 1) from ``CAMERA_SHOT_NOISE_RANGE`` and
+    ``CAMERA_READ_NOISE_RANGE``; 8-bit output through a JPEG of quality ``CAMERA_JPEG_RANGE``.  The
+    parameters are our choice (no paper gives them): a focused-to-slightly-soft lens and the noise of a
+    camera at base ISO, i.e. far less noise than the BSRGAN / Real-ESRGAN families.
+
+    Args:
+        hr: (B, 3, H, W) float RGB in [0, 1], H and W multiples of ``scale``.
+        scale: factor. generator: all randomness.
+        return_params: also return the drawn parameters, each (B,): ``radius``, ``psf_sigma``, ``shot``,
+            ``read``, ``quality``.
+
+    Returns:
+        LR (B, 3, H // scale, W // scale) in [0, 1], 8-bit values (and the parameters).
+    """
+    _check_hr(hr, scale, rgb=True)
+    b, _, h, w = hr.shape
+    params = {
+        "radius": _uniform(generator, *CAMERA_DISK_RADIUS_RANGE, b),
+        "psf_sigma": _uniform(generator, *CAMERA_PSF_SIGMA_RANGE, b),
+        "shot": _uniform(generator, *CAMERA_SHOT_NOISE_RANGE, b),
+        "read": _uniform(generator, *CAMERA_READ_NOISE_RANGE, b),
+        "quality": torch.tensor([_randint(generator, *CAMERA_JPEG_RANGE) for _ in range(b)], dtype=torch.float64),
+    }
+    x = _filter(hr.float(), disk_kernel(params["radius"]))
+    x = _filter_sep(x, _gaussian_1d(params["psf_sigma"], KERNEL_SIZE))
+    x = _resize(x, (h // scale, w // scale), "area")
+    var = (params["shot"].square()[:, None, None, None] * x.clamp(0, 1).double().cpu()
+           + params["read"].square()[:, None, None, None]) / 255.0**2
+    x = x + var.sqrt().float().to(x.device) * _randn(x.shape, generator, x.device)
+    lr = jpeg_compress(x.clamp(0, 1), params["quality"]).to(hr.dtype)
+    return (lr, params) if return_params else lr
+
+
 def _per_image(hr: Tensor, scale: int, one: Callable[[Tensor], tuple[Tensor, dict[str, Any]]],
                return_params: bool) -> Tensor | tuple[Tensor, list[dict[str, Any]]]:
     _check_hr(hr, scale, rgb=True)
@@ -942,6 +1015,10 @@ def _realesrgan_fn(hr: Tensor, scale: int, generator: torch.Generator) -> Tensor
     return realesrgan(hr, scale, generator)  # type: ignore[return-value]
 
 
+def _camera_fn(hr: Tensor, scale: int, generator: torch.Generator) -> Tensor:
+    return camera(hr, scale, generator)  # type: ignore[return-value]
+
+
 DEGRADATIONS: dict[str, DegradationFn] = {
     "classical_iso": _classical_iso_fn,
     "classical_aniso": _classical_aniso_fn,
@@ -949,4 +1026,5 @@ DEGRADATIONS: dict[str, DegradationFn] = {
     "bsrgan": _bsrgan_fn,
     "bsrgan_plus": _bsrgan_plus_fn,
     "realesrgan": _realesrgan_fn,
+    "camera": _camera_fn,
 }
