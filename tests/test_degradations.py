@@ -58,8 +58,9 @@ def test_pipeline_shape_range_and_determinism(name: str, scale: int, photos: tor
     assert torch.isfinite(lr).all()
     assert lr.min() >= 0 and lr.max() <= 1
     assert torch.equal(lr, fn(photos, scale, _gen(0))), "same seed must give the same LR"
-    assert not torch.equal(lr, fn(photos, scale, _gen(1))), "another seed must give another LR"
-    if name in ("bsrgan", "bsrgan_plus", "realesrgan", "camera"):
+    if name != "bicubic":  # the one deterministic setting
+        assert not torch.equal(lr, fn(photos, scale, _gen(1))), "another seed must give another LR"
+    if name in ("bsrgan", "bsrgan_plus", "realesrgan", "camera", "bicubic"):
         # the originals end in 8 bit (a decoded JPEG / an explicit rounding)
         assert torch.allclose(lr * 255, (lr * 255).round(), atol=1e-4)
     # the LR still shows the photo: close to a clean downscale at the coarsest level

@@ -11,6 +11,7 @@ Pipelines (all registered in :data:`DEGRADATIONS`):
 * ``bsrgan`` / ``bsrgan_plus``: BSRGAN's randomly shuffled degradation model and its extension
   (Zhang et al., ICCV 2021), per image.
 * ``realesrgan``: Real-ESRGAN's second-order model (Wang et al., ICCVW 2021), batched.
+* ``bicubic``: the plain antialiased bicubic downscale, 8-bit (the "bicubic" SR setting), deterministic.
 * ``camera``: our model of the real camera pairs LWay is evaluated on (RealSR / DRealSR: the same scene shot
   at two focal lengths): lens defocus (a disk) and a small Gaussian PSF, sensor area integration, weak
   signal-dependent sensor noise and a high-quality JPEG, batched.  Unlike the three synthetic families
@@ -1015,6 +1016,12 @@ def _realesrgan_fn(hr: Tensor, scale: int, generator: torch.Generator) -> Tensor
     return realesrgan(hr, scale, generator)  # type: ignore[return-value]
 
 
+def _bicubic_fn(hr: Tensor, scale: int, generator: torch.Generator) -> Tensor:
+    _check_hr(hr, scale)
+    # deterministic: the generator is not used; 8 bit as a saved LR image would be
+    return (bicubic_downscale(hr.float(), scale).clamp(0, 1) * 255).round().div(255).to(hr.dtype)
+
+
 def _camera_fn(hr: Tensor, scale: int, generator: torch.Generator) -> Tensor:
     return camera(hr, scale, generator)  # type: ignore[return-value]
 
@@ -1026,5 +1033,6 @@ DEGRADATIONS: dict[str, DegradationFn] = {
     "bsrgan": _bsrgan_fn,
     "bsrgan_plus": _bsrgan_plus_fn,
     "realesrgan": _realesrgan_fn,
+    "bicubic": _bicubic_fn,
     "camera": _camera_fn,
 }
