@@ -10,6 +10,11 @@ on that LR image alone, with the shipped LWay module), the time per fine-tuning 
 on the whole image for the clean HR, the SR result before and after, and bicubic (which one the objective
 prefers; ``--iterations 0`` gives only this and the "before" metrics).
 
+``--oracle`` (camera family only) replaces the learned LWay module by the camera model's own noise-free
+operator with each image's drawn parameters (defocus disk, lens PSF, area downscale, then LWay's bicubic
+upsampling): the fine-tuning then optimises against a perfect R, which separates what LWay's objective can give
+this SR model from what the learned R's errors cost.
+
 Usage::
 
     python bench/bench_lway.py [--iterations 100] [--lr 1e-5] [--families bsrgan realesrgan]
@@ -26,7 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+import kornia.filters
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,27 +43,57 @@ from bench_crlsr import measure as quality  # noqa: E402  (this folder is on sys
 
 from realsr_core import load_model  # noqa: E402
 from realsr_core.adapt import finetune, hf_weight_map, lway_loss  # noqa: E402
-from realsr_core.models.lway.network import bicubic_resize  # noqa: E402
+from realsr_core.models.lway.network import LWayReconstruction, bicubic_resize  # noqa: E402
 from realsr_core.training.data import photos  # noqa: E402
-from realsr_core.training.degradations import bsrgan, camera, realesrgan  # noqa: E402
+from realsr_core.training.degradations import bsrgan, camera, disk_kernel, realesrgan  # noqa: E402
 from realsr_core.weights import builtin_path  # noqa: E402
 
 SCALE = 4
 FAMILIES = {"bsrgan": bsrgan, "realesrgan": realesrgan, "camera": camera}
 
 
-def degraded(family: str, seed: int, only: list[str] | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(photo, lr, hr) for every held-out photo, degraded by ``family`` with one generator seeded once (a photo
-    gets the same degradation whether or not ``only`` leaves others out)."""
+def degraded(family: str, seed: int, only: list[str] | None = None) -> list[tuple[str, Tensor, Tensor, dict | None]]:
+    """(photo, lr, hr, camera parameters or None) for every held-out photo, degraded by ``family`` with one
+    generator seeded once (a photo gets the same degradation whether or not ``only`` leaves others out)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for name, img in photos("heldout"):
         h, w = (s // SCALE * SCALE for s in img.shape[-2:])
         hr = img[None, :, :h, :w].contiguous()
-        lr = FAMILIES[family](hr, SCALE, g).clamp(0, 1)
+        params = None
+        if family == "camera":
+            lr, params = camera(hr, SCALE, g, return_params=True)
+        else:
+            lr = FAMILIES[family](hr, SCALE, g)
         if not only or name in only:
-            out.append((name, lr, hr))
+            out.append((name, lr.clamp(0, 1), hr, params))
     return out
+
+
+class _CameraOperator(nn.Module):
+    """The camera family's noise-free operator for one image's parameters, as R's call ``(sr, e) -> lr_up``."""
+
+    def __init__(self, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.disk = disk_kernel(params["radius"])
+        self.sigma = float(params["psf_sigma"][0])
+
+    def forward(self, sr: Tensor, e: Tensor) -> Tensor:
+        x = kornia.filters.filter2d(sr, self.disk.to(sr), border_type="reflect")
+        x = kornia.filters.gaussian_blur2d(x, (21, 21), (self.sigma, self.sigma), border_type="reflect")
+        return bicubic_resize(F.avg_pool2d(x, SCALE), tuple(sr.shape[-2:]))
+
+
+class OracleReconstruction(LWayReconstruction):
+    """LWay's E and R replaced by the true degradation (``--oracle``): E is unused, R is the camera operator."""
+
+    def __init__(self, params: dict[str, Tensor]) -> None:
+        super().__init__(embed_dim=1, enc_feat=1, enc_blocks=0, enc_channels=(1,), mlp_layers=1, rec_feat=1,
+                         rec_blocks=0)
+        self.reconstructor = _CameraOperator(params)  # type: ignore[assignment]
+
+    def embed(self, lr_up: Tensor) -> Tensor:
+        return lr_up.new_zeros(lr_up.shape[0], 1, 1, 1)
 
 
 def measure(desc, lr: torch.Tensor, hr: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
@@ -87,18 +125,21 @@ def main() -> None:
     p.add_argument("--photos", nargs="*", default=None, help="only these held-out photos")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--oracle", action="store_true", help="fine-tune against the true camera operator (camera family)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    if a.oracle and a.families != ["camera"]:
+        p.error("--oracle needs --families camera (the only family with a deterministic operator to stand in for R)")
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     model = load_model(a.model, device=dev)
     rec = load_model(a.lway, device=dev)
     rows = []
     for family in a.families:
-        for name, lr, hr in degraded(family, a.seed, a.photos):
+        for name, lr, hr, params in degraded(family, a.seed, a.photos):
             before, sr0 = measure(model, lr, hr)
             t0 = time.perf_counter()
-            res = finetune(model, lr, rec, iterations=a.iterations, lr=a.lr, patch_size=a.patch_size,
+            res = finetune(model, lr, OracleReconstruction(params) if a.oracle else rec, iterations=a.iterations, lr=a.lr, patch_size=a.patch_size,
                            batch_size=a.batch_size, params=a.params, device=dev)
             if dev.type == "cuda":
                 torch.cuda.synchronize()

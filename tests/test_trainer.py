@@ -224,6 +224,17 @@ def test_shipped_configs() -> None:
     assert "spatially_variant" in full["eval"]["degradations"] and full["eval"]["sigma"] == 2.0
 
 
+def test_lway_benchmark_sr_config() -> None:
+    # LWay's benchmark model: the ablation's network, trained on the bicubic family only (never the camera
+    # family it is tested on), on a schedule that ends annealed.
+    cfg, ablation = load_config("lway_bench_sr_bicubic"), load_config("crlsr_x4_ablation")
+    same = {k: v for k, v in ablation["model"].items() if k != "losses"}  # losses: unused without contrastive
+    assert cfg["model"] == same and cfg["train"]["contrastive"] is False
+    assert cfg["data"]["degradation"] == {"bicubic": 1.0} and cfg["data"]["split"] == "train"
+    assert cfg["train"]["lr_schedule"] == "cosine" and cfg["train"]["steps"] <= 5000
+    assert "camera" not in cfg["eval"]["degradations"]
+
+
 def test_lr_schedules() -> None:
     cfg = load_config({"model": {"arch": "crlsr"}, "train": {"steps": 100, "lr": 1e-3, "lr_min": 1e-5,
                                                               "warmup_steps": 10}})["train"]
