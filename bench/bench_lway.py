@@ -1,10 +1,11 @@
 """LWay's claim on our data (issue 6): does self-supervised fine-tuning on the LR image itself help an SR model
 whose training degradations differ from the test image's?
 
-SR model: the shipped CRL-SR x4 (trained on the CRL-SR paper's classical and spatially variant degradations).
+SR model: the shipped CRL-SR x4 (trained on the CRL-SR paper's classical and spatially variant degradations), or
+any file the pack loads (``--model``, e.g. the bicubic-trained ``lway_bench_sr_bicubic`` run).
 Test images: the held-out photos (``realsr_core.training.data.HELDOUT``, never trained on by either model),
 mod-cropped to 4 and degraded once per family with a fixed seed by a *different* family: BSRGAN's
-``degradation_bsrgan`` and Real-ESRGAN's second-order pipeline.  For every image: PSNR / SSIM on Y (4 px
+``degradation_bsrgan``, Real-ESRGAN's second-order pipeline, or the low-noise ``camera`` family.  For every image: PSNR / SSIM on Y (4 px
 border cropped) and NIQE of the whole-image x4 result before and after LWay (``realsr_core.adapt.finetune``
 on that LR image alone, with the shipped LWay module), the time per fine-tuning iteration, and LWay's own loss
 on the whole image for the clean HR, the SR result before and after, and bicubic (which one the objective
