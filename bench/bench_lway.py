@@ -32,9 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-import kornia.filters
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +44,7 @@ from realsr_core import load_model  # noqa: E402
 from realsr_core.adapt import finetune, hf_weight_map, lway_loss  # noqa: E402
 from realsr_core.models.lway.network import LWayReconstruction, bicubic_resize  # noqa: E402
 from realsr_core.training.data import photos  # noqa: E402
-from realsr_core.training.degradations import bsrgan, camera, disk_kernel, realesrgan  # noqa: E402
+from realsr_core.training.degradations import bsrgan, camera, camera_optics, realesrgan  # noqa: E402
 from realsr_core.weights import builtin_path  # noqa: E402
 
 SCALE = 4
@@ -76,13 +74,10 @@ class _CameraOperator(nn.Module):
 
     def __init__(self, params: dict[str, Tensor]) -> None:
         super().__init__()
-        self.disk = disk_kernel(params["radius"])
-        self.sigma = float(params["psf_sigma"][0])
+        self.radius, self.psf_sigma = params["radius"], params["psf_sigma"]
 
     def forward(self, sr: Tensor, e: Tensor) -> Tensor:
-        x = kornia.filters.filter2d(sr, self.disk.to(sr), border_type="reflect")
-        x = kornia.filters.gaussian_blur2d(x, (21, 21), (self.sigma, self.sigma), border_type="reflect")
-        return bicubic_resize(F.avg_pool2d(x, SCALE), tuple(sr.shape[-2:]))
+        return bicubic_resize(camera_optics(sr, SCALE, self.radius, self.psf_sigma), tuple(sr.shape[-2:]))
 
 
 class OracleReconstruction(LWayReconstruction):
@@ -140,7 +135,8 @@ def main() -> None:
         for name, lr, hr, params in degraded(family, a.seed, a.photos):
             before, sr0 = measure(model, lr, hr)
             t0 = time.perf_counter()
-            res = finetune(model, lr, OracleReconstruction(params) if a.oracle else rec, iterations=a.iterations, lr=a.lr, patch_size=a.patch_size,
+            r = OracleReconstruction(params) if a.oracle else rec
+            res = finetune(model, lr, r, iterations=a.iterations, lr=a.lr, patch_size=a.patch_size,
                            batch_size=a.batch_size, params=a.params, device=dev)
             if dev.type == "cuda":
                 torch.cuda.synchronize()

@@ -62,6 +62,7 @@ __all__ = [
     "bsrgan",
     "bsrgan_plus",
     "camera",
+    "camera_optics",
     "classical",
     "disk_kernel",
     "isotropic_kernel",
@@ -733,6 +734,24 @@ def disk_kernel(radius: float | Tensor, size: int = KERNEL_SIZE) -> Tensor:
     return _normalise((r[:, None, None] + 0.5 - d[None]).clamp(0, 1))
 
 
+def camera_optics(hr: Tensor, scale: int, radius: float | Tensor, psf_sigma: float | Tensor) -> Tensor:
+    """The deterministic part of :func:`camera`: defocus disk, lens Gaussian, area downscale (no noise, no JPEG).
+
+    Args:
+        hr: (B, C, H, W) float in [0, 1], H and W multiples of ``scale``.
+        scale: factor.
+        radius, psf_sigma: a float or (B,) each, in HR pixels.
+
+    Returns:
+        (B, C, H // scale, W // scale) float32, not clamped.
+    """
+    _check_hr(hr, scale)
+    b, _, h, w = hr.shape
+    x = _filter(hr.float(), disk_kernel(_as_batch(radius, b, "radius")))
+    x = _filter_sep(x, _gaussian_1d(_as_batch(psf_sigma, b, "psf_sigma"), KERNEL_SIZE))
+    return _resize(x, (h // scale, w // scale), "area")
+
+
 def camera(hr: Tensor, scale: int, generator: torch.Generator, *,
            return_params: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """A digital camera's degradation, modelled on the real LR / HR pairs of RealSR and DRealSR, batched.
@@ -755,7 +774,7 @@ def camera(hr: Tensor, scale: int, generator: torch.Generator, *,
         LR (B, 3, H // scale, W // scale) in [0, 1], 8-bit values (and the parameters).
     """
     _check_hr(hr, scale, rgb=True)
-    b, _, h, w = hr.shape
+    b = hr.shape[0]
     params = {
         "radius": _uniform(generator, *CAMERA_DISK_RADIUS_RANGE, b),
         "psf_sigma": _uniform(generator, *CAMERA_PSF_SIGMA_RANGE, b),
@@ -763,9 +782,7 @@ def camera(hr: Tensor, scale: int, generator: torch.Generator, *,
         "read": _uniform(generator, *CAMERA_READ_NOISE_RANGE, b),
         "quality": torch.tensor([_randint(generator, *CAMERA_JPEG_RANGE) for _ in range(b)], dtype=torch.float64),
     }
-    x = _filter(hr.float(), disk_kernel(params["radius"]))
-    x = _filter_sep(x, _gaussian_1d(params["psf_sigma"], KERNEL_SIZE))
-    x = _resize(x, (h // scale, w // scale), "area")
+    x = camera_optics(hr, scale, params["radius"], params["psf_sigma"])
     var = (params["shot"].square()[:, None, None, None] * x.clamp(0, 1).double().cpu()
            + params["read"].square()[:, None, None, None]) / 255.0**2
     x = x + var.sqrt().float().to(x.device) * _randn(x.shape, generator, x.device)
