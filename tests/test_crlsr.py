@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,20 @@ def test_penalty_grows_with_distance_and_strengthens_the_loss() -> None:
     # The pushing term of Eq. (4): the farther f_s is from the condition, the lower the loss.
     at, away = (conditional_contrastive_loss(f_h, f_s, c, penalty=False) for c in (f_s, -f_s))
     assert at > away
+
+
+def test_srnce_is_lowest_when_sr_embeddings_are_antipodal() -> None:
+    """Eq. (6) as written (tau 1) scores the degenerate embedding where every HR and U_l vector is one v and
+    every SR vector -v below the ideal one (SR = HR, positions orthonormal): the push term is worth e^2 there.
+    This is the state our step-7,500 run sits in (bench/crlsr_gradients.py, BENCHMARKS.md), at the analytic
+    value log(1 + (M - 1) / (1 + e^3)) = 2.572 for M = 256."""
+    m = 256
+    ideal = torch.eye(m)[None]  # f_h = f_s = condition, orthonormal positions
+    v = torch.zeros(1, m, m)
+    v[..., 0] = 1.0
+    collapsed = conditional_contrastive_loss(v, -v, v)
+    assert collapsed.item() == pytest.approx(math.log(1 + (m - 1) / (1 + math.e**3)), abs=1e-5)
+    assert collapsed < conditional_contrastive_loss(ideal, ideal, ideal)
 
 
 def test_positions_are_drawn_from_the_generator() -> None:

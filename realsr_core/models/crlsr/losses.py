@@ -41,6 +41,13 @@ Our readings where the text leaves a choice (documented once here, used by :clas
   as constants here (callers pass a detached ``f̄_l``; the penalty is always detached).  Letting the
   gradient through ``p_m`` would lower the loss by pulling ``f_h`` towards ``f̄_l``, i.e. by removing the
   very high-frequency content Eq. (7) asks ``f_h`` to keep.
+* Degenerate optimum (measured, not a reading).  At tau = 1 the pushing term is worth up to ``e^2``, the
+  pulling one at most ``e^1``, so Eq. (6) is lower for an embedding that maps every HR and ``U_l`` patch
+  to one vector ``v`` and every SR patch to ``-v`` (``log(1 + (M - 1) / (1 + e^3))``, 2.572 for M = 256)
+  than for the ideal one where ``f_s = f_h`` and positions are orthonormal (``log(1 + (M - 1) / (1 + e))``,
+  4.24).  ``E_f`` and its head then act as a real-vs-SR discriminator and the loss's gradient on ``I_s``
+  points against the L1's.  Our shipped run fell into that state between steps 3,000 and 4,000 (L_SRNCE
+  4.58 -> 3.00; ``bench/crlsr_gradients.py``).
 * L1.  ``||I_h - I_s||_1`` and Eq. (7) are taken as the mean absolute error over all elements.
 * Positions.  The losses take the ``M`` vectors as given; :class:`CRLSR` draws a random subset of at most
   ``num_samples`` positions per image (same positions for every feature map of that image), which

@@ -408,16 +408,9 @@ class CRLSR(nn.Module):
         z_h = self.proj_hr(gather_positions(f_h_bar, index))
         losses["bc"] = bidirectional_contrastive_loss(z_h, z_l, cfg.tau)
 
-        # Contrastive feature refinement: E_f on I_h and I_s (both images in one call), D_rec on f_h.
-        feats = self.feat_extractor(torch.cat([hr, sr.to(hr.dtype)]))
-        f_h, f_s = feats[:b], feats[b:]
+        # Contrastive feature refinement.
+        f_h, (q_h, q_s, q_l) = self.refinement_embeddings(u, sr, hr, index)
         losses["rec_hr"] = reconstruction_loss(self.decoder_rec(f_h), hr)
-        q_h = self.proj_feat(gather_positions(f_h, index))
-        q_s = self.proj_feat(gather_positions(f_s, index))
-        # The condition of Eq. (6): the features of U_l in the same embedding space as f_h and f_s
-        # (E_f, proj_feat), a constant (see losses.py for this reading and why).
-        with torch.no_grad():
-            q_l = self.proj_feat(gather_positions(self.feat_extractor(u), index))
         losses["srnce"] = conditional_contrastive_loss(q_h, q_s, q_l, tau=cfg.srnce_tau)
 
         losses["total"] = (
@@ -427,6 +420,32 @@ class CRLSR(nn.Module):
             + cfg.weight_rec_hr * losses["rec_hr"]
         )
         return losses
+
+    def refinement_embeddings(
+        self, u: Tensor, sr: Tensor, hr: Tensor, index: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """``E_f``'s features of ``I_h`` and the three embeddings that enter ``L_SRNCE`` (Eqs. 4-6).
+
+        Args:
+            u: (B, 3, H, W) ``U_l``, the bicubic-upsampled LR image.
+            sr: (B, 3, H, W) ``I_s``.
+            hr: (B, 3, H, W) ``I_h``.
+            index: (B, M) flat LR-grid positions (:func:`~.losses.sample_positions`).
+
+        Returns:
+            ``(f_h, (q_h, q_s, q_l))``: ``f_h`` (B, ef_feat, H / s, W / s) for ``D_rec``; the L2-normalised
+            (B, M, S) embeddings of ``I_h``, ``I_s`` and ``U_l``.  ``q_l`` is the condition of Eq. (6), in the
+            same space as the other two (``E_f``, ``proj_feat``) and a constant (see losses.py for this
+            reading and why).
+        """
+        b = hr.shape[0]
+        feats = self.feat_extractor(torch.cat([hr, sr.to(hr.dtype)]))  # both images in one call
+        f_h, f_s = feats[:b], feats[b:]
+        q_h = self.proj_feat(gather_positions(f_h, index))
+        q_s = self.proj_feat(gather_positions(f_s, index))
+        with torch.no_grad():
+            q_l = self.proj_feat(gather_positions(self.feat_extractor(u), index))
+        return f_h, (q_h, q_s, q_l)
 
 
 def _compute_layout(x: Tensor) -> Tensor:
