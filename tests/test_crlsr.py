@@ -351,3 +351,21 @@ def test_loss_config_weights_the_total() -> None:
     # 16 of the 64 positions: a different draw gives different contrastive terms, the same L1.
     other = net.training_losses(lr, hr, generator=torch.Generator().manual_seed(1))
     assert other["bc"] != losses["bc"] and torch.equal(other["rec_sr"], losses["rec_sr"])
+
+
+def test_infonce_variant_replaces_only_the_srnce_term() -> None:
+    """Table 1 model e: InfoNCE between f_h and f_s instead of Eq. (6); every other term is unchanged."""
+    hr = _crops(32)[:2]
+    lr = _degrade(hr, 4)
+    net = _model(4, seed=4)
+    out = {}
+    for variant in ("conditional", "infonce"):
+        net.loss_config = CRLSRLossConfig(srnce=variant, num_samples=16)
+        out[variant] = net.training_losses(lr, hr, generator=torch.Generator().manual_seed(0))
+    for key in ("rec_sr", "bc", "rec_hr"):
+        torch.testing.assert_close(out["infonce"][key], out["conditional"][key])
+    assert out["infonce"]["srnce"] != out["conditional"]["srnce"]
+    # Near a fresh network's embedding every position looks alike: InfoNCE is close to log M.
+    assert abs(out["infonce"]["srnce"].item() - math.log(16)) < 0.5
+    with pytest.raises(ValueError, match="srnce must be"):
+        CRLSRLossConfig(srnce="push")

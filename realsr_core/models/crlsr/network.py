@@ -49,6 +49,7 @@ from .losses import (
     TAU,
     bidirectional_contrastive_loss,
     conditional_contrastive_loss,
+    contrastive_loss,
     gather_positions,
     reconstruction_loss,
     sample_positions,
@@ -167,6 +168,9 @@ class CRLSRLossConfig:
     Attributes:
         tau: temperature of ``L_bc`` (Eq. 2), 0.07 in the paper.
         srnce_tau: divides the exponents of ``L_SRNCE``; 1 is Eq. (6) as written.
+        srnce: ``"conditional"``: Eq. (6), the paper's CRL-SR (Table 1 model f); ``"infonce"``: plain InfoNCE
+            [28] between ``f_h`` (anchors) and ``f_s`` at temperature ``srnce_tau``, without the condition,
+            its pushing term and the penalty (Table 1 model e), to measure what the condition does.
         num_samples: positions drawn per image for the contrastive losses (our bound on ``M``; all
             positions when the LR grid has fewer).
         weight_bc, weight_srnce, weight_rec_sr, weight_rec_hr: weights of the four terms.  Eq. (8) sums
@@ -187,11 +191,16 @@ class CRLSRLossConfig:
 
     tau: float = TAU
     srnce_tau: float = 1.0
+    srnce: str = "conditional"
     num_samples: int = 256
     weight_bc: float = 1.0
     weight_srnce: float = 1.0
     weight_rec_sr: float = 1.0
     weight_rec_hr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.srnce not in ("conditional", "infonce"):
+            raise ValueError(f"srnce must be 'conditional' (Eq. 6) or 'infonce', got {self.srnce!r}")
 
 
 class UnshuffleEncoder(nn.Module):
@@ -411,7 +420,10 @@ class CRLSR(nn.Module):
         # Contrastive feature refinement.
         f_h, (q_h, q_s, q_l) = self.refinement_embeddings(u, sr, hr, index)
         losses["rec_hr"] = reconstruction_loss(self.decoder_rec(f_h), hr)
-        losses["srnce"] = conditional_contrastive_loss(q_h, q_s, q_l, tau=cfg.srnce_tau)
+        if cfg.srnce == "conditional":
+            losses["srnce"] = conditional_contrastive_loss(q_h, q_s, q_l, tau=cfg.srnce_tau)
+        else:
+            losses["srnce"] = contrastive_loss(q_h, q_s, cfg.srnce_tau)
 
         losses["total"] = (
             cfg.weight_rec_sr * losses["rec_sr"]
