@@ -297,7 +297,8 @@ def test_group_norm_channels_last_statistics_are_accurate() -> None:
             out = group_norm(x, norm, silu=True)
             assert out.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
-            torch.testing.assert_close(group_norm(x.contiguous(), norm, silu=True), out, rtol=0, atol=2e-6)
+            # NCHW and channels_last reduce in different orders: a few float32 ulp of values up to ~5, not bits.
+            torch.testing.assert_close(group_norm(x.contiguous(), norm, silu=True), out, rtol=1e-6, atol=2e-6)
             y = x.clone()
             assert group_norm(y, norm, silu=True, inplace=True).data_ptr() == y.data_ptr()
             torch.testing.assert_close(y, out, rtol=0, atol=0)

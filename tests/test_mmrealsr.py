@@ -260,13 +260,17 @@ def test_batch_of_two_equals_single_runs(desc: MMRealSRDescriptor, lr: Tensor) -
 
 @pytest.mark.parametrize("shape", [(1, 3, 13, 10), (2, 3, 9, 7), (1, 3, 1, 5)])
 def test_banded_upsampling_tail_is_exact(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Computing the 4x tail in bands of a few rows gives exactly the one-band result, on both paths."""
+    """Computing the 4x tail in bands of a few rows gives the one-band result (to float32 rounding), on both paths.
+
+    A band that used a zero-padded edge instead of its halo rows is off by ~3e-2 (outputs are ~0.1).
+    """
     desc = mmrealsr.load(_small_state_dict(4))
     x, degrees = torch.rand(*shape), torch.tensor([0.3, 0.7])
     whole = desc.forward(x, degrees)
     for band_pixels in (1, 40, 300):
         monkeypatch.setattr(mmrealsr.network, "TAIL_BAND_PIXELS", band_pixels)
-        torch.testing.assert_close(desc.forward(x, degrees), whole, rtol=0, atol=0)
+        # Bands are other conv shapes, for which oneDNN may pick other kernels (AVX-512: 2 ulp seen): not bits.
+        torch.testing.assert_close(desc.forward(x, degrees), whole, rtol=0, atol=1e-6)
     monkeypatch.setattr(rrdb, "fused_conv_available", False)
     torch.testing.assert_close(desc.forward(x, degrees), whole, rtol=0, atol=1e-6)
 

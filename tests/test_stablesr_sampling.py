@@ -75,7 +75,11 @@ def test_schedule_tables_bit_exact(steps: int) -> None:
         else:
             got = getattr(ours, key).numpy()
         assert got.dtype == ref[key].dtype, key
-        np.testing.assert_array_equal(got, ref[key], err_msg=key)
+        if "log" in key:
+            # np.log is ISA-dispatched (AVX2/AVX-512 SIMD vs libm logf on older x86: 2 ulp apart seen): ulps, not bits.
+            np.testing.assert_array_max_ulp(got, ref[key], maxulp=4)
+        else:  # float64 math rounded to float32: checked bit-identical under every torch/numpy x86 dispatch level
+            np.testing.assert_array_equal(got, ref[key], err_msg=key)
 
 
 def test_space_timesteps() -> None:
@@ -265,8 +269,9 @@ def test_tiles_per_batch_invariance() -> None:
         per_image = torch.cat([aggregate_tiles(fn, x[b : b + 1], lr[b : b + 1], t[b : b + 1], 64, 32) for b in range(2)])
     assert calls[:6] == [2] * 6 and calls[6:8] == [6, 6]
     assert one.shape == (2, 6, 100, 75)
-    torch.testing.assert_close(three, one, atol=1e-6, rtol=0)
-    torch.testing.assert_close(per_image, one, atol=1e-6, rtol=0)
+    # Other batch sizes may pick other conv kernels (seen: 1.7e-6 on a pre-AVX2 code path): float32 ulp, not bits.
+    torch.testing.assert_close(three, one, atol=4e-6, rtol=0)
+    torch.testing.assert_close(per_image, one, atol=4e-6, rtol=0)
 
 
 def test_aggregation_blends_constant_and_cancels() -> None:

@@ -233,8 +233,9 @@ class MMRealSRNet(nn.Module):
         conv_up1 and conv_up2 (each after nearest x2), conv_hr and conv_last are evaluated band by band,
         each band from the low-resolution rows it depends on (one halo row per 3x3 conv), so the two
         64-channel maps at 4x resolution never exist in full: peak memory of the tail is about one
-        band instead of ``2 * 16 * num_feat * 4`` bytes per input pixel.  Results are identical to the
-        unbanded computation (no output row depends on a zero-padded band edge).
+        band instead of ``2 * 16 * num_feat * 4`` bytes per input pixel.  Results equal the unbanded
+        computation up to float rounding (no output row depends on a zero-padded band edge; the convs of
+        other band shapes may use other kernels, a few ulp apart).
 
         Args:
             feat: (B, num_feat, H, W) trunk features.
