@@ -7,13 +7,16 @@ restricted unpickler refuses any global that is not a plain tensor/container typ
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -59,27 +62,132 @@ class Checkpoint:
         return True
 
 
+# How torch names a refused global ("Trying to load unsupported GLOBAL posix.system ...",
+# "Unsupported global: GLOBAL eval was not ...").
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+# Implementation modules that pickles name instead of the public one (os.system pickles as posix.system).
+_MODULE_ALIASES = {"posix": "os", "nt": "os", "__builtin__": "builtins"}
+# Modules of the globals a plain weights pickle uses (tensor rebuilding, OrderedDict, bytes).
+_WEIGHT_PICKLE_MODULES = ("torch", "collections", "_codecs")
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                         "STRING"})
+
+
+def _public_name(name: str) -> str:
+    """``posix.system`` -> ``os.system``, ``eval`` -> ``builtins.eval``: the name a user recognises."""
+    module, dot, attr = name.partition(".")
+    if not dot:
+        return f"builtins.{name}"
+    return f"{_MODULE_ALIASES.get(module, module)}.{attr}"
+
+
+def _foreign_global(stream: IO[bytes]) -> str | None:
+    """The first global a pickle stream references outside the weight-pickle modules, or None.
+
+    Reads opcodes with ``pickletools.genops`` (a disassembler: nothing is imported or called).  Handles
+    ``GLOBAL`` (protocols 0-3, ``"module name"``) and ``STACK_GLOBAL`` (protocol 4+, the two strings
+    pushed before it, possibly through the memo).  Scans the consecutive pickles of a legacy torch file.
+    """
+    for _pickle in range(4):  # legacy torch files: magic number, protocol, sys info, then the object
+        memo: dict[int, Any] = {}
+        pushed: list[Any] = []
+        for op, arg, _pos in pickletools.genops(stream):
+            if op.name == "GLOBAL":
+                module, _, attr = str(arg).partition(" ")
+            elif op.name == "STACK_GLOBAL" and len(pushed) >= 2:
+                module, attr = str(pushed[-2]), str(pushed[-1])
+            else:
+                if op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(int(arg)))
+                else:
+                    pushed.append(arg if op.name in _STRING_OPS else None)
+                continue
+            if module.split(".")[0] not in _WEIGHT_PICKLE_MODULES:
+                return f"{module}.{attr}"
+            pushed.append(None)
+    return None
+
+
+def _requested_global(path: Path, message: str) -> str | None:
+    """What a refused pickle asked for, as ``module.name``: from torch's message, else from the pickle itself."""
+    m = _GLOBAL_RE.search(message)
+    if m:
+        return _public_name(m.group(1))
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if pkl is None:
+                    return None
+                found = _foreign_global(io.BytesIO(z.read(pkl)))  # structure only: storages are other members
+        else:
+            with open(path, "rb") as f:
+                found = _foreign_global(f)
+    except Exception:  # a malformed pickle: the refusal stands, only the name is unknown
+        return None
+    return _public_name(found) if found else None
+
+
+def _unreadable(p: Path, e: OSError) -> CheckpointError:
+    """The error for a file that exists but cannot be opened or read (permissions, I/O)."""
+    if isinstance(e, PermissionError):
+        return CheckpointError(
+            f"{p.name}: permission denied: this process may not read {p}; check the file's permissions"
+        )
+    return CheckpointError(f"{p.name}: could not be read ({e.strerror or e}): {p}")
+
+
+def _check_path(p: Path) -> None:
+    """Refuse, with a message that says what the path is, anything but a readable, non-empty weights file."""
+    if p.is_dir():
+        try:
+            inside = sorted(c.name for c in p.iterdir() if c.suffix.lower() in SUPPORTED_EXT)
+        except OSError:
+            inside = []
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        hint = f"; it contains {', '.join(inside[:3])}{more}" if inside else ""
+        raise CheckpointError(
+            f"{p}: this is a folder, not a checkpoint file{hint}. Give the path of the weights file itself "
+            f"({', '.join(SUPPORTED_EXT)})."
+        )
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: not a regular file (a device, pipe or socket?); expected a checkpoint file")
+    ext = p.suffix.lower()
+    if ext not in SUPPORTED_EXT:
+        raise CheckpointError(f"{p.name}: unsupported file type {ext!r}; expected one of {', '.join(SUPPORTED_EXT)}")
+    try:
+        with open(p, "rb") as f:
+            empty = f.read(1) == b""
+    except OSError as e:
+        raise _unreadable(p, e) from None
+    if empty:
+        raise CheckpointError(f"{p.name}: the file is empty (0 bytes); download it again")
+
+
 def read_file(path: str | os.PathLike[str]) -> Any:
     """Read a checkpoint file's top-level object without executing code from it.
 
     Raises:
-        CheckpointError: missing file, unknown extension, truncated/corrupt file, or a pickle that
-            asks for anything but tensors and plain containers (it is refused, never run).
+        CheckpointError: missing file, a folder, unreadable (permissions), unknown extension,
+            truncated/corrupt file, or a pickle that asks for anything but tensors and plain containers
+            (it is refused, never run; the message names what it asked for).
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    ext = p.suffix.lower()
-    if ext not in SUPPORTED_EXT:
-        raise CheckpointError(f"{p.name}: unsupported file type {ext!r}; expected one of {', '.join(SUPPORTED_EXT)}")
-    if p.stat().st_size == 0:
-        raise CheckpointError(f"{p.name}: the file is empty (0 bytes); download it again")
-    if ext in SAFETENSORS_EXT:
+    _check_path(p)
+    if p.suffix.lower() in SAFETENSORS_EXT:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(p), device="cpu")
+        except PermissionError as e:
+            raise _unreadable(p, e) from None
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{p.name}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     try:
@@ -91,14 +199,16 @@ def read_file(path: str | os.PathLike[str]) -> Any:
                 raise
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses globals it does not know: this is where a malicious pickle stops.
-        lines = [ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()]
-        first = lines[0] if lines else type(e).__name__
+        # weights_only refuses globals it does not know: this is where a malicious pickle stops.  torch's own
+        # message advises ways to load it anyway; it is not passed on (``from None``).
+        wanted = _requested_global(p, str(e))
+        asks = f"it asks for {wanted}" if wanted else "it asks for objects that are not tensors"
         raise CheckpointError(
-            f"{p.name}: refused to load: the file asks to run code or build objects that are not tensors "
-            f"({first}). Only weights are read (safetensors or torch.load(weights_only=True)); "
-            "convert the file to .safetensors from a trusted source."
-        ) from e
+            f"{p.name}: not loaded: this file contains Python code ({asks}), which model weights never need. "
+            "Only weights are read; use a .safetensors file from the model's authors."
+        ) from None
+    except PermissionError as e:
+        raise _unreadable(p, e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{p.name}: could not be read (truncated or corrupt file?): {e}") from e
 

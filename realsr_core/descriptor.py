@@ -8,6 +8,8 @@ whole-image quantities (``prepare``) such as MM-RealSR's degradation scores.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError
 
 StateDict = Mapping[str, Tensor]
 Purpose = Literal["SR", "Restoration", "Module"]
@@ -75,19 +77,32 @@ class ModelDescriptor:
         self.bytes_per_px = bytes_per_px
 
     # ------------------------------------------------------------------ running
-    def prepare(self, image: Tensor, **options: Any) -> dict[str, Any]:
+    def prepare(self, image: Tensor) -> dict[str, Any]:
         """Whole-image quantities computed once before tiling.
+
+        Subclasses add their user options as keyword parameters (e.g. MM-RealSR ``blur``/``noise``);
+        :meth:`option_names` reads them from the signature, so callers can refuse unknown ones.
 
         Args:
             image: (B, C, H, W) in [0, 1], on any device.
-            options: architecture-specific user options (e.g. MM-RealSR ``blur``/``noise``).
 
         Returns:
             keyword arguments passed unchanged to every ``forward`` call (empty by default).
         """
-        if options:
-            raise TypeError(f"{self.name} takes no options, got {sorted(options)}")
         return {}
+
+    def option_names(self) -> tuple[str, ...]:
+        """The user options :meth:`prepare` takes (keyword parameters after the image)."""
+        params = list(inspect.signature(self.prepare).parameters.values())[1:]
+        return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+    def with_dtype(self, dtype: torch.dtype) -> ModelDescriptor:
+        """This descriptor on a copy of the model cast to ``dtype``; the loaded model itself is never rounded."""
+        if dtype == self.dtype:
+            return self
+        clone = copy.copy(self)
+        clone.model = copy.deepcopy(self.model)
+        return clone.to(dtype=dtype)
 
     def forward(self, x: Tensor, **context: Any) -> Tensor:
         """Run the model on one image or tile, following the official inference path.
@@ -207,8 +222,116 @@ def check_layout(what: str, layout: str, expected: Mapping[str, Tensor], state_d
             )
 
 
-def shape_of(state_dict: StateDict, key: str, what: str = "the") -> tuple[int, ...]:
-    """A tensor's shape as ints; a missing key is an UnsupportedModelError naming it."""
+# What a configuration reader needs, by number of dimensions (for the messages of ``shape_of``).
+_NDIM_MEANING: dict[int, str] = {
+    0: "a 0-D scalar",
+    1: "a 1-D vector (C,)",
+    2: "a 2-D (out, in) matrix",
+    3: "a 3-D tensor",
+    4: "a 4-D (out, in, kh, kw) convolution weight",
+}
+
+
+def shape_of(
+    state_dict: StateDict, key: str, what: str = "the", ndim: int | None = None, file_prefix: str = ""
+) -> tuple[int, ...]:
+    """A tensor's shape as ints, the one checked path through which configuration inference reads shapes.
+
+    Args:
+        state_dict: the checkpoint's tensors.
+        key: the tensor to read.
+        what: the method's name, for the message.
+        ndim: the number of dimensions the reader relies on (4 for a conv weight, 2 for a linear one...).
+            With it, a tensor of another rank or with an empty dimension is refused here, instead of
+            surfacing as an IndexError / unpacking error deep in the inference.
+        file_prefix: the prefix ``key`` has in the file when the reader was given prefix-free keys
+            (e.g. ``structcond_stage_model.``), so that the message names the tensor as the file does.
+
+    Raises:
+        UnsupportedModelError: the key is missing, or (with ``ndim``) the tensor is not such a tensor;
+            the message names the tensor, its shape and what was expected.
+    """
+    name = file_prefix + key
     if key not in state_dict:
-        raise UnsupportedModelError(f"{what} state dict lacks {key!r}")
-    return tuple(int(s) for s in state_dict[key].shape)
+        raise UnsupportedModelError(f"{what} state dict lacks {name!r}")
+    raw = getattr(state_dict[key], "shape", None)
+    if raw is None:
+        kind = type(state_dict[key]).__name__
+        raise UnsupportedModelError(f"{what} state dict entry {name!r} is a {kind}, not a tensor")
+    shape = tuple(int(s) for s in raw)
+    if ndim is not None and (len(shape) != ndim or 0 in shape):
+        meaning = _NDIM_MEANING.get(ndim, f"a {ndim}-D tensor") + (" with no empty dimension" if ndim else "")
+        raise UnsupportedModelError(
+            f"{what} tensor {name!r} has shape {shape}, expected {meaning}; "
+            "the file is damaged or holds another model's tensors under these names"
+        )
+    return shape
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    """Up to ``limit`` items joined for a message, with how many more were left out."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_weights(
+    what: str,
+    expected: Mapping[str, Tensor],
+    given: StateDict,
+    file_key: Callable[[str], str] | None = None,
+) -> None:
+    """Refuse checkpoint tensors whose values would make the model lie: wrong kind or not finite.
+
+    Called by every architecture right before it loads ``given`` into its model, because a model
+    built from such tensors does not fail: NaN weights give an all-black image, one ``inf`` gives NaN
+    pixels, integer "weights" are silently cast and change the result.  Cost: one ``aminmax`` pass per
+    floating tensor the model uses (tensors the model does not use are not read); NaN/inf are counted
+    only in a tensor that has some.
+
+    Args:
+        what: the method's name, for the message.
+        expected: the model's ``state_dict()`` (meta tensors are fine: only dtypes are read); it says
+            which tensors are floating point.  Integer buffers the model itself has (Swin
+            ``relative_position_index``, ``num_batches_tracked``) keep their integer file tensors.
+        given: the checkpoint's tensors under the model's key names (every key of ``expected``).
+        file_key: maps a model key to its name in the file, when the architecture renamed it.
+
+    Raises:
+        CheckpointError: naming up to 5 tensors: those stored as integer/bool where the model has a
+            floating-point parameter or buffer (with their dtype), else those holding NaN or infinite
+            values (with the counts).  Float64 tensors are checked as the float32 the model stores.
+    """
+    name = file_key or (lambda k: k)
+    wrong = [
+        f"{name(k)!r} ({given[k].dtype})"
+        for k, v in expected.items()
+        if v.is_floating_point() and not given[k].is_floating_point()
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{what} weights are not usable: {len(wrong)} tensor(s) that must hold floating-point weights are "
+            f"not floating point: {_listed(wrong)}. The file is damaged or was converted wrongly "
+            "(such values would silently change the result); download it again (weights are float32, float16 "
+            "or bfloat16)."
+        )
+    bad: list[str] = []
+    for k in expected:
+        t = given[k]
+        if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+            continue
+        # One reduction pass, no temporary: min/max propagate NaN and show +-inf.  Read as float32, the
+        # model's dtype, so that a float64 beyond float32's range counts as the inf it would become.
+        lo, hi = torch.aminmax(t)
+        if bool(torch.isfinite(lo.float())) and bool(torch.isfinite(hi.float())):
+            continue
+        t32 = t.float()
+        nan = int(torch.isnan(t32).sum())
+        inf = int(torch.isinf(t32).sum())
+        counts = ", ".join(c for c in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "") if c)
+        bad.append(f"{name(k)!r} ({counts} of {t.numel()} values)")
+    if bad:
+        raise CheckpointError(
+            f"{what} weights are not usable: {len(bad)} tensor(s) contain NaN or infinite values: {_listed(bad)}. "
+            "The file is damaged or was saved from a diverged training run; download it again (or use an "
+            "earlier checkpoint of the training)."
+        )

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .descriptor import Architecture, ModelDescriptor, StateDict
-from .errors import UnsupportedModelError
+from .errors import CheckpointError, RealSRError, UnsupportedModelError
 
 
 def architectures() -> list[Architecture]:
@@ -59,6 +59,33 @@ def supported_names() -> str:
     return ", ".join(a.name for a in architectures())
 
 
+def _build(arch: Architecture, ckpt: Checkpoint) -> ModelDescriptor:
+    """``arch.load`` on the checkpoint's tensors, with the file named in every refusal.
+
+    The architectures' own errors (which name the tensor) get the file name in front.  Anything else a
+    malformed file can still provoke in an architecture's inference or load (IndexError, ValueError,
+    RuntimeError ...) becomes an UnsupportedModelError instead of a traceback: a safety net, the
+    per-tensor checks (``shape_of``, ``check_layout``, ``check_weights``) are meant to catch it first.
+    """
+    named = ckpt.source != "<state dict>"
+    try:
+        return arch.load(ckpt.state_dict)
+    except (CheckpointError, UnsupportedModelError) as e:
+        if not named or str(e).startswith(ckpt.source):
+            raise
+        raise type(e)(f"{ckpt.source}: {e}") from e
+    except torch.OutOfMemoryError:
+        raise
+    except (IndexError, KeyError, ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        if isinstance(e, RealSRError):  # InvalidInputError is a ValueError: already a message for the user
+            raise
+        detail = str(e).splitlines()[0][:300] if str(e) else ""
+        raise UnsupportedModelError(
+            f"{ckpt.source}: looks like {arch.name}, but its tensors do not form a model this pack can build "
+            f"({type(e).__name__}: {detail}); the file is damaged or a variant that is not supported"
+        ) from e
+
+
 def load_model(
     source: str | os.PathLike[str] | Mapping[str, Any],
     *,
@@ -78,9 +105,10 @@ def load_model(
         the model's descriptor, in eval mode.
 
     Raises:
-        CheckpointError: unreadable or unsafe file.
-        UnsupportedModelError: no known architecture; the message names the file, what was
-            found and what is supported.
+        CheckpointError: unreadable or unsafe file, or weights that are NaN/inf or stored as integers
+            where the model needs floating point (naming the tensors).
+        UnsupportedModelError: no known architecture, or tensors that do not fit it (naming the
+            tensor, its shape and what was expected); the message names the file.
     """
     ckpt: Checkpoint = load_checkpoint(source, prefer=param_key or "params")
     arch = detect(ckpt.state_dict)
@@ -100,7 +128,7 @@ def load_model(
         )
     if param_key is None and arch.wrapper_preference != ckpt.wrapper:
         ckpt.use(arch.wrapper_preference)
-    desc = arch.load(ckpt.state_dict)
+    desc = _build(arch, ckpt)
     if device is not None or dtype is not None:
         desc.to(device, dtype)
     return desc

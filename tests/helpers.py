@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,3 +53,15 @@ def skimage_photo(name: str) -> torch.Tensor:
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, -1)
     return torch.from_numpy(arr[..., :3].astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+def drop_root_override() -> None:
+    """``preexec_fn`` for a child process: as root, lose the power to read and write any file regardless of its
+    mode (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so read-only folders and unreadable files are real; a no-op
+    for other users."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")

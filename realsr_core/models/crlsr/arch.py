@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, has_all, shape_of
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, check_weights, has_all, shape_of
 from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import CRLSR, INFERENCE_PREFIXES, SCALES
@@ -56,7 +56,7 @@ def _infer_scale(state_dict: StateDict, num_feat: int) -> int:
     """The scale from the upsampler: intermediate x2 stages (conv to ``4 * num_feat``) and a last stage
     whose conv outputs ``3 * r^2`` channels for its pixel-shuffle factor ``r``."""
     n = _count(state_dict, "refine.upsample.{}.weight")
-    shapes = [shape_of(state_dict, f"refine.upsample.{i}.weight", "CRL-SR") for i in range(n)]
+    shapes = [shape_of(state_dict, f"refine.upsample.{i}.weight", "CRL-SR", ndim=4) for i in range(n)]
     for i, s in enumerate(shapes[:-1]):
         if s[:2] != (4 * num_feat, num_feat):
             raise UnsupportedModelError(
@@ -85,7 +85,7 @@ def infer_config(state_dict: StateDict) -> dict[str, int]:
     if not detect(state_dict):
         missing = [k for k in DETECT_KEYS if k not in state_dict]
         raise UnsupportedModelError(f"not a CRL-SR state dict: missing {missing}")
-    num_feat, head_in = shape_of(state_dict, "encoder_lr.head.weight", "CRL-SR")[:2]
+    num_feat, head_in = shape_of(state_dict, "encoder_lr.head.weight", "CRL-SR", ndim=4)[:2]
     scale = _infer_scale(state_dict, num_feat)
     if head_in != 3 * scale * scale:
         raise UnsupportedModelError(
@@ -100,8 +100,8 @@ def infer_config(state_dict: StateDict) -> dict[str, int]:
     }
     if has_training_parts(state_dict):
         config.update(
-            proj_dim=shape_of(state_dict, "proj_lr.2.weight", "CRL-SR")[0],
-            ef_feat=shape_of(state_dict, "feat_extractor.head.weight", "CRL-SR")[0],
+            proj_dim=shape_of(state_dict, "proj_lr.2.weight", "CRL-SR", ndim=2)[0],
+            ef_feat=shape_of(state_dict, "feat_extractor.head.weight", "CRL-SR", ndim=4)[0],
             ef_blocks=_count(state_dict, "feat_extractor.body.{}.conv1.weight"),
         )
     return config
@@ -122,6 +122,7 @@ def load(state_dict: StateDict) -> ModelDescriptor:
 
     Raises:
         UnsupportedModelError: not CRL-SR, or tensors that do not fit the inferred layout.
+        CheckpointError: weights that are NaN/inf or not floating point (:func:`check_weights`).
     """
     config = infer_config(state_dict)
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
@@ -132,6 +133,7 @@ def load(state_dict: StateDict) -> ModelDescriptor:
     layout = (f"x{config['scale']}, num_feat {config['num_feat']}, {config['enc_blocks']} encoder / "
               f"{config['ref_blocks']} refinement blocks")
     check_layout("CRL-SR", layout, expected, state_dict, unknown)
+    check_weights("CRL-SR", expected, state_dict)
     model.load_state_dict({k: _own(state_dict[k]) for k in expected}, strict=True, assign=True)
     model.requires_grad_(False)  # inference only; also lets the fused CPU kernels run with grad mode on
     scale = config["scale"]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, has_all, shape_of
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, check_weights, has_all, shape_of
 from ...descriptor import count_indexed as _count
 from ...errors import InvalidInputError, UnsupportedModelError
 from .network import FeMaSRConfig, FeMaSRNet, SwinConfig
@@ -61,13 +61,13 @@ def _infer_swin(state_dict: StateDict, prefix: str, dim: int) -> SwinConfig:
     depth = _count(state_dict, blk + ".norm1.weight")
     if num_layers == 0 or depth == 0:
         raise UnsupportedModelError(f"FeMaSR Swin layers under {prefix!r} have no RSTB / Swin block")
-    table = shape_of(state_dict, blk.format(0) + ".attn.relative_position_bias_table", "FeMaSR")
+    table = shape_of(state_dict, blk.format(0) + ".attn.relative_position_bias_table", "FeMaSR", ndim=2)
     ws = (math.isqrt(table[0]) + 1) // 2
     if (2 * ws - 1) ** 2 != table[0]:
         raise UnsupportedModelError(f"FeMaSR relative position table {table} is not (2*ws-1)^2 rows")
     num_heads = table[1]
-    mlp_hidden = shape_of(state_dict, blk.format(0) + ".mlp.fc1.weight", "FeMaSR")[0]
-    norm = shape_of(state_dict, blk.format(0) + ".norm1.weight", "FeMaSR")[0]
+    mlp_hidden = shape_of(state_dict, blk.format(0) + ".mlp.fc1.weight", "FeMaSR", ndim=2)[0]
+    norm = shape_of(state_dict, blk.format(0) + ".norm1.weight", "FeMaSR", ndim=1)[0]
     if norm != dim or dim % num_heads:
         raise UnsupportedModelError(
             f"FeMaSR Swin width {norm} does not fit the latent's {dim} channels / {num_heads} heads"
@@ -78,7 +78,7 @@ def _infer_swin(state_dict: StateDict, prefix: str, dim: int) -> SwinConfig:
     for j in range(depth):
         key = blk.format(j) + ".attn_mask"
         if key in state_dict:
-            n_windows = shape_of(state_dict, key, "FeMaSR")[0]
+            n_windows = shape_of(state_dict, key, "FeMaSR", ndim=3)[0]
             mask_resolution = ws * math.isqrt(n_windows)
             shifts.append(ws // 2)
         else:
@@ -100,7 +100,7 @@ def infer_config(state_dict: StateDict) -> FeMaSRConfig:
     Raises:
         UnsupportedModelError: a layout the network cannot express.
     """
-    in_shape = shape_of(state_dict, "multiscale_encoder.in_conv.weight", "FeMaSR")
+    in_shape = shape_of(state_dict, "multiscale_encoder.in_conv.weight", "FeMaSR", ndim=4)
     if in_shape[2:] != (4, 4):
         raise UnsupportedModelError(f"FeMaSR in_conv is {in_shape}, expected a 4x4 kernel")
     if "quantize_group.1.embedding.weight" in state_dict:
@@ -110,17 +110,18 @@ def infer_config(state_dict: StateDict) -> FeMaSRConfig:
             "FeMaSR with BatchNorm residual blocks is not supported (released models use GroupNorm)"
         )
     n_down = _count(state_dict, _ENC + ".{}.0.weight")
-    down = tuple(shape_of(state_dict, f"{_ENC}.{d}.0.weight", "FeMaSR")[0] for d in range(n_down))
+    down = tuple(shape_of(state_dict, f"{_ENC}.{d}.0.weight", "FeMaSR", ndim=4)[0] for d in range(n_down))
     latent_ch = down[-1]
     swin: SwinConfig | None = None
     up: tuple[int, ...] = ()
     if f"{_ENC}.{n_down}.swin_blks.0.conv.weight" in state_dict:
         swin = _infer_swin(state_dict, f"{_ENC}.{n_down}", latent_ch)
         n_up = _count(state_dict, _ENC + ".{}.1.weight", n_down + 1)
-        up = tuple(shape_of(state_dict, f"{_ENC}.{d}.1.weight", "FeMaSR")[0] for d in range(n_down + 1, n_down + 1 + n_up))
+        ups = range(n_down + 1, n_down + 1 + n_up)
+        up = tuple(shape_of(state_dict, f"{_ENC}.{d}.1.weight", "FeMaSR", ndim=4)[0] for d in ups)
     n_dec = _count(state_dict, "decoder_group.{}.block.1.weight")
-    dec = tuple(shape_of(state_dict, f"decoder_group.{i}.block.1.weight", "FeMaSR")[0] for i in range(n_dec))
-    n_e, e_dim = shape_of(state_dict, "quantize_group.0.embedding.weight", "FeMaSR")
+    dec = tuple(shape_of(state_dict, f"decoder_group.{i}.block.1.weight", "FeMaSR", ndim=4)[0] for i in range(n_dec))
+    n_e, e_dim = shape_of(state_dict, "quantize_group.0.embedding.weight", "FeMaSR", ndim=2)
     config = FeMaSRConfig(
         stem_channels=in_shape[0],
         down_channels=down,
@@ -130,7 +131,7 @@ def infer_config(state_dict: StateDict) -> FeMaSRConfig:
         swin=swin,
         up_channels=up,
         in_channels=in_shape[1],
-        out_channels=shape_of(state_dict, "out_conv.weight", "FeMaSR")[0],
+        out_channels=shape_of(state_dict, "out_conv.weight", "FeMaSR", ndim=4)[0],
     )
     if n_dec < n_down:
         raise UnsupportedModelError(
@@ -272,6 +273,7 @@ def load(state_dict: StateDict) -> FeMaSRDescriptor:
 
     Raises:
         UnsupportedModelError: not a FeMaSR layout this network can run.
+        CheckpointError: weights that are NaN/inf or not floating point (:func:`check_weights`).
     """
     ignored = [k for k in state_dict if k.startswith(LEFTOVER_PREFIXES)]
     sd = {k: v for k, v in state_dict.items() if not k.startswith(LEFTOVER_PREFIXES)}
@@ -281,6 +283,7 @@ def load(state_dict: StateDict) -> FeMaSRDescriptor:
     expected = model.state_dict()
     layout = f"scale {config.scale}, {'SR' if config.lq_stage else 'HRP'}"
     check_layout("FeMaSR", layout, expected, sd, [k for k in sd if k not in expected])
+    check_weights("FeMaSR", expected, sd)
     # The model owns float32 copies (conv weights already channels_last, the descriptor's default).
     owned = {k: _own(sd[k], v) for k, v in expected.items()}
     try:

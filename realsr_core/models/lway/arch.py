@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, has_all, shape_of
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, check_weights, has_all, shape_of
 from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import LWayConfig, LWayReconstruction
@@ -50,8 +50,8 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
     if not detect(state_dict):
         missing = [k for k in DETECT_KEYS if k not in state_dict]
         raise UnsupportedModelError(f"not an LWay reconstruction state dict: missing {missing}")
-    enc_feat, enc_in = shape_of(state_dict, "encoder.conv_first.weight", "LWay")[:2]
-    rec_feat, rec_in = shape_of(state_dict, "reconstructor.conv_first.weight", "LWay")[:2]
+    enc_feat, enc_in = shape_of(state_dict, "encoder.conv_first.weight", "LWay", ndim=4)[:2]
+    rec_feat, rec_in = shape_of(state_dict, "reconstructor.conv_first.weight", "LWay", ndim=4)[:2]
     unshuffle = round((enc_in / 3) ** 0.5)
     if enc_in != 3 * unshuffle * unshuffle or rec_in != enc_in:
         raise UnsupportedModelError(
@@ -61,12 +61,13 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
     n_down = _count(state_dict, "encoder.down.{}.weight")
     n_mlp = _count(state_dict, "encoder.mlp.{}.weight")
     rec_blocks = _count(state_dict, "reconstructor.blocks.{}.modconv.weight")
-    embed_dim = shape_of(state_dict, f"encoder.mlp.{n_mlp - 1}.weight", "LWay")[0]
+    embed_dim = shape_of(state_dict, f"encoder.mlp.{n_mlp - 1}.weight", "LWay", ndim=4)[0]
     config = {
         "embed_dim": embed_dim,
         "enc_feat": enc_feat,
         "enc_blocks": _count(state_dict, "encoder.body.{}.conv1.weight"),
-        "enc_channels": [shape_of(state_dict, f"encoder.down.{i}.weight", "LWay")[0] for i in range(n_down)],
+        "enc_channels": [shape_of(state_dict, f"encoder.down.{i}.weight", "LWay", ndim=4)[0]
+                         for i in range(n_down)],
         "mlp_layers": n_mlp,
         "rec_feat": rec_feat,
         "rec_blocks": rec_blocks,
@@ -76,14 +77,17 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
         "scale": 0,
     }
     if "reconstructor.kernel_head.weight" in state_dict:
-        taps = shape_of(state_dict, "reconstructor.kernel_head.weight", "LWay")[0]
+        taps = shape_of(state_dict, "reconstructor.kernel_head.weight", "LWay", ndim=2)[0]
         config["kernel_size"] = round(taps**0.5)
         if "reconstructor.base_scale" not in state_dict or config["kernel_size"] ** 2 != taps:
             raise UnsupportedModelError(f"LWay reconstructor kernel head has {taps} outputs (expected a square "
                                         "number) or no base_scale: an incomplete or foreign file")
+        # The scale is read from a value, not a shape: refuse a non-scalar or non-finite one first.
+        shape_of(state_dict, "reconstructor.base_scale", "LWay", ndim=0)
+        check_weights("LWay", {"reconstructor.base_scale": torch.empty((), device="meta")}, state_dict)
         config["scale"] = int(round(float(state_dict["reconstructor.base_scale"])))
     if rec_blocks:
-        style = shape_of(state_dict, "reconstructor.blocks.0.modconv.style.weight", "LWay")
+        style = shape_of(state_dict, "reconstructor.blocks.0.modconv.style.weight", "LWay", ndim=2)
         if style != (config["rec_feat"], embed_dim):
             raise UnsupportedModelError(
                 f"LWay reconstructor style layer has shape {style}, but E's embedding has {embed_dim} values and "
@@ -117,6 +121,7 @@ def load(state_dict: StateDict) -> LWayDescriptor:
 
     Raises:
         UnsupportedModelError: not this layout, or tensors that do not fit the inferred one.
+        CheckpointError: weights that are NaN/inf or not floating point (:func:`check_weights`).
     """
     config = infer_config(state_dict)
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
@@ -125,6 +130,7 @@ def load(state_dict: StateDict) -> LWayDescriptor:
     ignored = [k for k in state_dict if not k.startswith(_PREFIXES)]
     unknown = [k for k in state_dict if k.startswith(_PREFIXES) and k not in expected]
     check_layout("LWay", str(config), expected, state_dict, unknown)
+    check_weights("LWay", expected, state_dict)
     owned = {k: state_dict[k].detach().to(device="cpu", dtype=torch.float32, copy=True) for k in expected}
     model.load_state_dict(owned, strict=True, assign=True)
     model.eval().requires_grad_(False)  # a frozen module in step 2

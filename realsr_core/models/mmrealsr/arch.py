@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_weights, has_all, shape_of
 from ...descriptor import count_indexed as _count
 from ...errors import InvalidInputError, UnsupportedModelError
 from .network import MMRealSRNet
@@ -66,7 +66,7 @@ def _infer_estimator(state_dict: StateDict) -> dict[str, Any]:
     channel-changing conv (an official ``downscales`` 1 between stages of different widths) has the
     same weight shape and cannot be told apart from the state dict.
     """
-    feat = int(state_dict["de_net.conv_first.0.weight"].shape[0])
+    feat = shape_of(state_dict, "de_net.conv_first.0.weight", "MM-RealSR", ndim=4)[0]
     feats: list[int] = []
     blocks: list[int] = []
     downs: list[int] = []
@@ -75,22 +75,22 @@ def _infer_estimator(state_dict: StateDict) -> dict[str, Any]:
     while True:
         prefix = f"de_net.body.0.{k}."
         if prefix + "conv1.weight" in state_dict:
-            w = state_dict[prefix + "conv1.weight"]
-            if tuple(w.shape[:2]) != (feat, feat):
+            w = shape_of(state_dict, prefix + "conv1.weight", "MM-RealSR", ndim=4)
+            if w[:2] != (feat, feat):
                 raise UnsupportedModelError(
-                    f"MM-RealSR estimator block {prefix[:-1]} has shape {tuple(w.shape)}, expected {feat} channels"
+                    f"MM-RealSR estimator block {prefix[:-1]} has shape {w}, expected {feat} channels"
                 )
             n_blocks += 1
         elif prefix + "weight" in state_dict:
-            w = state_dict[prefix + "weight"]
-            if int(w.shape[1]) != feat:
+            w = shape_of(state_dict, prefix + "weight", "MM-RealSR", ndim=4)
+            if w[1] != feat:
                 raise UnsupportedModelError(
-                    f"MM-RealSR estimator conv {prefix[:-1]} takes {int(w.shape[1])} channels, expected {feat}"
+                    f"MM-RealSR estimator conv {prefix[:-1]} takes {w[1]} channels, expected {feat}"
                 )
             feats.append(feat)
             blocks.append(n_blocks)
             downs.append(2)
-            feat, n_blocks = int(w.shape[0]), 0
+            feat, n_blocks = w[0], 0
         else:
             break
         k += 1
@@ -103,7 +103,7 @@ def _infer_estimator(state_dict: StateDict) -> dict[str, Any]:
         "de_num_feats": feats,
         "de_num_blocks": blocks,
         "de_downscales": downs,
-        "de_hidden_dim": int(state_dict["de_net.fc_degree.0.0.weight"].shape[0]),
+        "de_hidden_dim": shape_of(state_dict, "de_net.fc_degree.0.0.weight", "MM-RealSR", ndim=2)[0],
     }
 
 
@@ -117,8 +117,8 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
     if not detect(state_dict):
         missing = [k for k in DETECT_KEYS if k not in state_dict]
         raise UnsupportedModelError(f"not an MM-RealSR state dict: missing {missing}")
-    in_ch = int(state_dict["conv_first.weight"].shape[1])
-    de_in = int(state_dict["de_net.conv_first.0.weight"].shape[1])
+    num_feat, in_ch = shape_of(state_dict, "conv_first.weight", "MM-RealSR", ndim=4)[:2]
+    de_in = shape_of(state_dict, "de_net.conv_first.0.weight", "MM-RealSR", ndim=4)[1]
     if in_ch in (12, 48):
         scale = 2 if in_ch == 12 else 1
         raise UnsupportedModelError(
@@ -130,22 +130,21 @@ def infer_config(state_dict: StateDict) -> dict[str, Any]:
         raise UnsupportedModelError(
             f"MM-RealSR expects RGB input (3 channels), but conv_first takes {in_ch} and the estimator {de_in}"
         )
-    num_degradation = int(state_dict["dd_embed.0.weight"].shape[1])
+    embed_dim, num_degradation = shape_of(state_dict, "dd_embed.0.weight", "MM-RealSR", ndim=2)
     if num_degradation != len(SCORE_NAMES) or _count(state_dict, "de_net.conv_first.{}.weight") != num_degradation:
         raise UnsupportedModelError(
             f"MM-RealSR with {num_degradation} degradation scores and "
             f"{_count(state_dict, 'de_net.conv_first.{}.weight')} estimator branches: only 2 (blur, noise) are supported"
         )
-    num_feat = int(state_dict["conv_first.weight"].shape[0])
     config: dict[str, Any] = {
         "in_channels": in_ch,
-        "out_channels": int(state_dict["conv_last.weight"].shape[0]),
+        "out_channels": shape_of(state_dict, "conv_last.weight", "MM-RealSR", ndim=4)[0],
         "num_feat": num_feat,
         "num_block": _count(state_dict, "body.{}.rdb1.conv1.weight"),
-        "num_grow_ch": int(state_dict["body.0.rdb1.conv1.weight"].shape[0]),
+        "num_grow_ch": shape_of(state_dict, "body.0.rdb1.conv1.weight", "MM-RealSR", ndim=4)[0],
         "num_degradation": num_degradation,
-        "embed_dim": int(state_dict["dd_embed.0.weight"].shape[0]),
-        "am_hidden_dim": int(state_dict["am_list.0.fc.0.weight"].shape[0]),
+        "embed_dim": embed_dim,
+        "am_hidden_dim": shape_of(state_dict, "am_list.0.fc.0.weight", "MM-RealSR", ndim=2)[0],
     }
     config.update(_infer_estimator(state_dict))
     return config
@@ -275,6 +274,7 @@ def load(state_dict: StateDict) -> MMRealSRDescriptor:
 
     Raises:
         UnsupportedModelError: not MM-RealSR x4, or tensors that do not fit the inferred layout.
+        CheckpointError: weights that are NaN/inf or not floating point (:func:`check_weights`).
     """
     config = infer_config(state_dict)
     model = MMRealSRNet(**config)
@@ -289,6 +289,7 @@ def load(state_dict: StateDict) -> MMRealSRDescriptor:
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unknown[:5]}{'...' if len(unknown) > 5 else ''}"
         )
+    check_weights("MM-RealSR", expected, state_dict)
     try:
         model.load_state_dict({k: state_dict[k] for k in expected}, strict=True)
     except RuntimeError as e:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, has_all
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_weights, has_all, shape_of
 from ...errors import InvalidInputError, UnsupportedModelError
 from .encoder import DEFAULT_NUM_HEADS, EncoderConfig, TimeAwareEncoder, infer_encoder_config
 from .sft import SFTLayers, infer_sft_spec
@@ -121,6 +121,19 @@ def split_state_dict(state_dict: StateDict) -> tuple[dict[str, Tensor], dict[str
     return encoder, sft, ignored
 
 
+def _file_key(key: str) -> str:
+    """The released name of a :class:`StableSRModule` key, for messages: ``encoder.<k>`` is
+    ``structcond_stage_model.<k>``, ``sft_layers.<path>.<param>`` is ``model.diffusion_model.<path>.spade.<param>``
+    (``<path>`` is the block name and its numeric indices, e.g. ``input_blocks.1.0``)."""
+    if key.startswith("encoder."):
+        return ENCODER_PREFIX + key[len("encoder.") :]
+    parts = key[len("sft_layers.") :].split(".")
+    n = 1
+    while n < len(parts) and parts[n].isdigit():
+        n += 1
+    return f"{UNET_PREFIX}{'.'.join(parts[:n])}{_SPADE}{'.'.join(parts[n:])}"
+
+
 def _unet_layout(channels: Mapping[str, int]) -> dict[str, Any]:
     """UNet channel layout implied by the SFT layers (input-block runs between downsamples = levels)."""
     inputs = sorted((int(p.split(".")[1]), c) for p, c in channels.items() if p.startswith("input_blocks."))
@@ -154,22 +167,21 @@ def _infer(
         missing = [k for k in DETECT_KEYS if k not in state_dict]
         raise UnsupportedModelError(f"not a StableSR SR module: missing {missing}")
     enc_sd, _, _ = split_state_dict(state_dict)
-    enc = infer_encoder_config(enc_sd, num_heads, num_head_channels)
+    enc = infer_encoder_config(enc_sd, num_heads, num_head_channels, file_prefix=ENCODER_PREFIX)
     sft_channels, cond_ch, hidden = infer_sft_spec(state_dict, UNET_PREFIX)
     if cond_ch != enc.out_channels:
         raise UnsupportedModelError(
             f"StableSR SFT layers take {cond_ch}-channel condition maps but the encoder makes {enc.out_channels}"
         )
     unet = _unet_layout(sft_channels)
-    conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None:
-        unet["in_channels"] = int(conv_in.shape[1])
-        unet["model_channels"] = int(conv_in.shape[0])
+    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    if conv_in in state_dict:
+        unet["model_channels"], unet["in_channels"] = shape_of(state_dict, conv_in, "StableSR UNet", ndim=4)[:2]
     vbias = state_dict.get(_VPRED_KEY)
     if vbias is not None and vbias.device.type != "meta":
         unet["prediction_guess"] = "v" if float(vbias.float().std()) > 0.09 else "eps"
     config = {
-        "full_checkpoint": conv_in is not None,
+        "full_checkpoint": conv_in in state_dict,
         "encoder": enc.as_dict(),
         "sft": {"cond_channels": cond_ch, "hidden_channels": hidden, "num_layers": len(sft_channels)},
         "unet": unet,
@@ -234,6 +246,7 @@ def load(
 
     Raises:
         UnsupportedModelError: not a StableSR module, or tensors that do not fit the inferred layout.
+        CheckpointError: weights that are NaN/inf or not floating point (:func:`check_weights`).
     """
     config, enc_cfg, sft_channels = _infer(state_dict, num_heads, num_head_channels)
     enc_sd, sft_sd, ignored = split_state_dict(state_dict)
@@ -259,6 +272,7 @@ def load(
             f"StableSR tensor {k} has shape {tuple(given[k].shape)}, expected {tuple(expected[k].shape)} "
             f"for the inferred layout ({len(bad)} mismatching tensors)"
         )
+    check_weights("StableSR", expected, given, file_key=_file_key)
     module.load_state_dict({k: v.to(torch.float32) for k, v in given.items()}, strict=True, assign=True)
     module.requires_grad_(False)
     full = bool(config["full_checkpoint"])

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict
+from ...descriptor import Architecture, ModelDescriptor, StateDict, check_weights, shape_of
 from ...errors import InvalidInputError, UnsupportedModelError
 from ..blocks.rrdb import RRDB
 from .vae import (
@@ -200,15 +200,17 @@ class CFWAutoencoder(AutoencoderKL):
 # ---------------------------------------------------------------------------- configuration and building
 
 
-def infer_cfw_config(vae_sd: Mapping[str, Tensor]) -> dict[str, Any]:
+def infer_cfw_config(vae_sd: Mapping[str, Tensor], file_prefix: str = "") -> dict[str, Any]:
     """:func:`infer_vae_config` plus the fusion layout (``fusion_levels``, ``num_rrdb``, ``grow_channels``).
+
+    ``file_prefix`` is the prefix the keys had in the file (``first_stage_model.``), for messages.
 
     ``fusion_levels`` is empty for a plain SD VAE.
 
     Raises:
         UnsupportedModelError: fusion tensors that do not fit the decoder's channels.
     """
-    config = infer_vae_config(vae_sd)
+    config = infer_vae_config(vae_sd, file_prefix)
     levels = len(config["ch_mult"])
     fusion = [lv for lv in range(levels) if _FUSION_KEY.format(lv) in vae_sd]
     config["fusion_levels"] = fusion
@@ -221,10 +223,10 @@ def infer_cfw_config(vae_sd: Mapping[str, Tensor]) -> dict[str, Any]:
     if num_rrdb == 0:
         raise UnsupportedModelError(f"CFW fusion layer {fusion[0]} has no RRDB blocks (encode_enc_2.0 missing)")
     config["num_rrdb"] = num_rrdb
-    config["grow_channels"] = int(vae_sd[first.format(0)].shape[0])
+    config["grow_channels"] = shape_of(vae_sd, first.format(0), "CFW", ndim=4, file_prefix=file_prefix)[0]
     for lv in fusion:
         c = config["ch"] * config["ch_mult"][lv]
-        shape = tuple(vae_sd[_FUSION_KEY.format(lv)].shape)
+        shape = shape_of(vae_sd, _FUSION_KEY.format(lv), "CFW", ndim=4, file_prefix=file_prefix)
         if shape[:2] != (c, 2 * c):
             raise UnsupportedModelError(
                 f"CFW fusion_layer_{lv}.encode_enc_1.conv1 has shape {shape}, expected ({c}, {2 * c}, 3, 3) for "
@@ -490,9 +492,11 @@ def load_vae(state_dict: StateDict) -> VAEDescriptor:
 
     Raises:
         UnsupportedModelError: no LDM-layout VAE, or tensors that do not fit the inferred layout.
+        CheckpointError: weights that are NaN/inf or not floating point (:func:`check_weights`).
     """
     vae_sd, ignored = extract_vae_state_dict(state_dict)
-    config = infer_cfw_config(vae_sd)
+    prefix = vae_prefix(state_dict) or ""
+    config = infer_cfw_config(vae_sd, prefix)
     # Built on the meta device and then given the checkpoint's tensors: no time spent on a random init that
     # would be overwritten (seconds for the 84 M / 128 M parameter models).  Float32, like the other loaders.
     with torch.device("meta"):
@@ -513,6 +517,8 @@ def load_vae(state_dict: StateDict) -> VAEDescriptor:
     ]
     if bad:
         raise UnsupportedModelError(f"VAE tensor shapes do not fit the inferred layout: {bad[:3]}")
+    what = "StableSR CFW VAE" if config["fusion_levels"] else "SD VAE"
+    check_weights(what, expected, vae_sd, file_key=lambda k: prefix + k)
     model.load_state_dict(vae_sd, strict=True, assign=True)
     model.requires_grad_(False)
     cfw = bool(config["fusion_levels"])

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...descriptor import StateDict
+from ...descriptor import StateDict, shape_of
 from ...errors import InvalidInputError, UnsupportedModelError
 
 __all__ = [
@@ -394,13 +394,16 @@ def select_cond(cond: Cond, feature: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- configuration inference
-def _res_out(sd: StateDict, prefix: str) -> int | None:
-    w = sd.get(prefix + "in_layers.2.weight")
-    return None if w is None else int(w.shape[0])
+_WHAT = "StableSR time-aware encoder"
+
+
+def _res_out(sd: StateDict, prefix: str, file_prefix: str = "") -> int | None:
+    key = prefix + "in_layers.2.weight"
+    return shape_of(sd, key, _WHAT, ndim=4, file_prefix=file_prefix)[0] if key in sd else None
 
 
 def infer_encoder_config(
-    state_dict: StateDict, num_heads: int = DEFAULT_NUM_HEADS, num_head_channels: int = -1
+    state_dict: StateDict, num_heads: int = DEFAULT_NUM_HEADS, num_head_channels: int = -1, file_prefix: str = ""
 ) -> EncoderConfig:
     """Encoder architecture from tensor shapes.
 
@@ -409,6 +412,7 @@ def infer_encoder_config(
             ``structcond_stage_model.`` prefix).
         num_heads, num_head_channels: attention split, which the weights do not record (default:
             the released 4 heads).
+        file_prefix: the keys' prefix in the file (``structcond_stage_model.``), for messages.
 
     Raises:
         UnsupportedModelError: keys or shapes that do not form an ``EncoderUNetModelWT``.
@@ -421,21 +425,19 @@ def infer_encoder_config(
     ):
         if key not in state_dict:
             raise UnsupportedModelError(f"StableSR time-aware encoder: missing key {key!r}")
-    mc = int(state_dict["input_blocks.0.0.weight"].shape[0])
-    in_ch = int(state_dict["input_blocks.0.0.weight"].shape[1])
-    te = state_dict["time_embed.0.weight"]
-    if int(te.shape[1]) != mc:
+    mc, in_ch = shape_of(state_dict, "input_blocks.0.0.weight", _WHAT, ndim=4, file_prefix=file_prefix)[:2]
+    emb_ch, te_in = shape_of(state_dict, "time_embed.0.weight", _WHAT, ndim=2, file_prefix=file_prefix)
+    if te_in != mc:
         raise UnsupportedModelError(
-            f"StableSR time-aware encoder: time_embed.0 takes {int(te.shape[1])} inputs, expected model_channels {mc}"
+            f"StableSR time-aware encoder: time_embed.0 takes {te_in} inputs, expected model_channels {mc}"
         )
-    emb_ch = int(te.shape[0])
     levels: list[list[tuple[int, bool]]] = [[]]  # per level: (out channels, has attention) per ResBlock
     i = 1
     while True:
         p = f"input_blocks.{i}."
         if p + "0.op.weight" in state_dict:
             levels.append([])
-        elif (out := _res_out(state_dict, p + "0.")) is not None:
+        elif (out := _res_out(state_dict, p + "0.", file_prefix)) is not None:
             levels[-1].append((out, p + "1.qkv.weight" in state_dict))
         elif any(k.startswith(p) for k in state_dict):
             raise UnsupportedModelError(
@@ -471,9 +473,12 @@ def infer_encoder_config(
         raise UnsupportedModelError(
             f"StableSR time-aware encoder: {n_tran} fea_tran blocks for {len(levels)} levels (expected one per level)"
         )
-    out_ch = int(state_dict["fea_tran.0.in_layers.2.weight"].shape[0])
-    emb1 = state_dict.get("input_blocks.1.0.emb_layers.1.weight")
-    scale_shift = emb1 is not None and int(emb1.shape[0]) == 2 * mult[0] * mc
+    out_ch = shape_of(state_dict, "fea_tran.0.in_layers.2.weight", _WHAT, ndim=4, file_prefix=file_prefix)[0]
+    emb1 = "input_blocks.1.0.emb_layers.1.weight"
+    scale_shift = (
+        emb1 in state_dict
+        and shape_of(state_dict, emb1, _WHAT, ndim=2, file_prefix=file_prefix)[0] == 2 * mult[0] * mc
+    )
     return EncoderConfig(
         in_channels=in_ch,
         model_channels=mc,

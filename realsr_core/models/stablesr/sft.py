@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...descriptor import StateDict
+from ...descriptor import StateDict, shape_of
 from ...errors import InvalidInputError, UnsupportedModelError
 from .encoder import Cond, GroupNorm32, select_cond
 
@@ -193,14 +193,15 @@ def infer_sft_spec(state_dict: StateDict, prefix: str = "model.diffusion_model."
     marker = ".spade.param_free_norm.weight"
     channels: dict[str, int] = {}
     shapes: set[tuple[int, int]] = set()
-    for key, t in state_dict.items():
+    for key in state_dict:
         if key.startswith(prefix) and key.endswith(marker):
             path = key[len(prefix) : -len(marker)]
-            channels[path] = int(t.shape[0])
-            w = state_dict.get(f"{prefix}{path}.spade.mlp_shared.0.weight")
-            if w is None:
-                raise UnsupportedModelError(f"SFT layer {path}: missing {prefix}{path}.spade.mlp_shared.0.weight")
-            shapes.add((int(w.shape[1]), int(w.shape[0])))
+            channels[path] = shape_of(state_dict, key, "StableSR SFT", ndim=1)[0]
+            shared = f"{prefix}{path}.spade.mlp_shared.0.weight"
+            if shared not in state_dict:
+                raise UnsupportedModelError(f"SFT layer {path}: missing {shared}")
+            hidden, cond = shape_of(state_dict, shared, "StableSR SFT", ndim=4)[:2]
+            shapes.add((cond, hidden))
     if not channels:
         raise UnsupportedModelError(f"no StableSR SFT layers ({prefix}<block>.spade.*) in the state dict")
     if len(shapes) != 1:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...descriptor import count_indexed as _count
+from ...descriptor import shape_of
 from ...errors import InvalidInputError, UnsupportedModelError
 
 __all__ = [
@@ -507,8 +508,10 @@ def extract_vae_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, 
     return vae, ignored
 
 
-def infer_vae_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+def infer_vae_config(sd: Mapping[str, Tensor], file_prefix: str = "") -> dict[str, Any]:
     """Constructor configuration of :class:`AutoencoderKL` from a prefix-free VAE state dict's shapes.
+
+    ``file_prefix`` is the prefix the keys had in the file (``first_stage_model.``), for messages.
 
     Returns:
         dict with ``in_channels, out_channels, ch, ch_mult, num_res_blocks, z_channels, double_z, embed_dim,
@@ -519,18 +522,20 @@ def infer_vae_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     """
     if not _has(sd, ""):
         raise UnsupportedModelError("not an LDM-layout VAE state dict (encoder.conv_in / decoder.conv_in ... missing)")
-    conv_in = sd["encoder.conv_in.weight"]
-    ch = int(conv_in.shape[0])
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(sd, key, "VAE", ndim=4, file_prefix=file_prefix)  # every tensor read here is a conv
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
     num_levels = _count(sd, "encoder.down.{}.block.0.conv1.weight")
     num_res = _count(sd, "encoder.down.0.block.{}.conv1.weight")
     ch_mult = []
     for i in range(num_levels):
-        out = int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0])
+        out = shape(f"encoder.down.{i}.block.0.conv1.weight")[0]
         if out % ch:
             raise UnsupportedModelError(f"encoder level {i} has {out} channels, not a multiple of ch={ch}")
         ch_mult.append(out // ch)
-    z_channels = int(sd["decoder.conv_in.weight"].shape[1])
-    enc_out = int(sd["encoder.conv_out.weight"].shape[0])
+    z_channels = shape("decoder.conv_in.weight")[1]
+    enc_out = shape("encoder.conv_out.weight")[0]
     if enc_out not in (z_channels, 2 * z_channels):
         raise UnsupportedModelError(f"encoder.conv_out gives {enc_out} channels for a {z_channels}-channel latent")
     dec_res = _count(sd, "decoder.up.0.block.{}.conv1.weight") - 1
@@ -542,14 +547,14 @@ def infer_vae_config(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     has_nin = any(".nin_shortcut." in k for k in sd)
     has_conv_sc = any(".conv_shortcut." in k for k in sd)
     return {
-        "in_channels": int(conv_in.shape[1]),
-        "out_channels": int(sd["decoder.conv_out.weight"].shape[0]),
+        "in_channels": in_channels,
+        "out_channels": shape("decoder.conv_out.weight")[0],
         "ch": ch,
         "ch_mult": ch_mult,
         "num_res_blocks": num_res,
         "z_channels": z_channels,
         "double_z": enc_out == 2 * z_channels,
-        "embed_dim": int(sd["post_quant_conv.weight"].shape[1]),
+        "embed_dim": shape("post_quant_conv.weight")[1],
         "enc_attn_levels": [i for i in range(num_levels) if f"encoder.down.{i}.attn.0.q.weight" in sd],
         "dec_attn_levels": [i for i in range(num_levels) if f"decoder.up.{i}.attn.0.q.weight" in sd],
         "mid_attn": "encoder.mid.attn_1.q.weight" in sd,
