@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TextIO
 
 import torch
+from PIL import Image
 
-from . import imageio
-from .errors import RealSRError
-from .inference import upscale
+from . import imageio, jobs
+from .descriptor import ModelDescriptor
+from .errors import RealSRError, RealSRWarning
+from .inference import compute_dtype, resolve_device, upscale
 from .registry import load_model
 from .weights import builtin_path
 
@@ -48,58 +54,111 @@ def _parse_score(value: str) -> float | None:
     if value.lower() == "auto":
         return None
     try:
-        return float(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {value!r}") from e
+        v = float(value)
+    except ValueError:
+        v = math.nan
+    if not 0.0 <= v <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {value!r}")
+    return v
 
 
 def _tile(value: str) -> int | str | None:
     if value.lower() in ("auto", "none", "0"):
         return "auto" if value.lower() == "auto" else None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto', 0 (no tiles) or a size in pixels, got {value!r}")
     return int(value)
 
 
-def _pairs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
-    if src.is_dir():
-        if dst.exists() and not dst.is_dir():
-            raise RealSRError(f"input {src} is a folder, so the output must be a folder; {dst} is a file")
-        files = imageio.list_images(src)
-        if not files:
-            raise RealSRError(f"no images ({', '.join(imageio.IMAGE_EXT)}) in {src}")
-        return [(f, dst / (f.stem + ".png")) for f in files]
-    if not src.is_file():
-        raise RealSRError(f"input not found: {src}")
-    if dst.is_dir():
-        return [(src, dst / (src.stem + ".png"))]
-    return [(src, dst)]
+def _non_negative(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def _bytes(value: str) -> int:
+    """'1G', '512M', '2.5GiB' or a number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {value!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+class _Interrupted(Exception):
+    """SIGTERM, turned into the same clean stop as Ctrl-C."""
+
+
+def _warn_line(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _model_options(desc: ModelDescriptor, args: argparse.Namespace) -> dict[str, float]:
+    """The degradation scores the model takes; given ones it does not take are reported, not silently dropped."""
+    given = {k: getattr(args, k) for k in ("blur", "noise") if getattr(args, k) is not None}
+    ignored = [f"--{k}" for k in given if k not in desc.option_names()]
+    if ignored:
+        warnings.warn(f"{' and '.join(ignored)} ignored: {desc.name} takes no degradation scores (MM-RealSR does)",
+                      RealSRWarning, stacklevel=2)
+    return {k: v for k, v in given.items() if k in desc.option_names()}
+
+
+def _report(outcome: jobs.Outcome, shape: dict[str, str]) -> None:
+    t = outcome.task
+    if outcome.status == "done":
+        print(f"{t.src} -> {t.dst} ({shape.get(t.rel, '')}){' ' + outcome.reason if outcome.reason else ''}",
+              file=sys.stderr)
+    elif outcome.status == "skipped":
+        print(f"{t.src}: skipped, {t.dst} is already done (--overwrite redoes it)", file=sys.stderr)
+    else:
+        print(f"failed: {outcome.failure()}", file=sys.stderr)
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    pairs = _pairs(Path(args.input), Path(args.output))
-    existing = [str(d) for _, d in pairs if d.exists()]
-    if existing and not args.overwrite:
-        raise RealSRError(f"refusing to overwrite {len(existing)} existing file(s), e.g. {existing[0]}; pass --overwrite")
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Every refusal that needs no model comes first: nothing is loaded or run for a job that cannot finish.
+    plan = jobs.plan_job(args.input, args.output, keep_ext=args.keep_ext)
+    device = resolve_device(args.device)
     desc = load_model(args.model or builtin_path(), device=device)
-    print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {device}", file=sys.stderr)
-    options = {}
-    if desc.arch == "mmrealsr":
-        options = {"blur": args.blur, "noise": args.noise}
-    dtype = torch.float16 if args.half else None
-    for src, dst in pairs:
-        image = imageio.load_image(src)
-        bar = ProgressBar(src.name)
+    # The command line owns its model, so it is cast once rather than copied per image.
+    desc.to(dtype=compute_dtype(desc, device, torch.float16 if args.half else None))
+    options = _model_options(desc, args)
+    print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {device} ({str(desc.dtype)[6:]})", file=sys.stderr)
+    for line in jobs.describe_ignored(plan.ignored):
+        print(line, file=sys.stderr)
+    shapes: dict[str, str] = {}
+
+    def run(image: torch.Tensor, task: jobs.Task) -> tuple[torch.Tensor, str]:
+        bar = ProgressBar(task.rel)
         try:
-            result = upscale(desc, image, tile=args.tile, overlap=args.overlap, device=device, dtype=dtype,
-                             progress=bar, **options)
+            result = upscale(desc, image, tile=args.tile, overlap=args.overlap, device=device, dtype=desc.dtype,
+                             progress=bar, memory_budget=args.memory_budget, **options)
         finally:
             bar.close()
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        imageio.save_image(result.image, dst)
+        shapes[task.rel] = f"{result.image.shape[-1]}x{result.image.shape[-2]}"
         info = {k: v.flatten().tolist() for k, v in result.context[0].items() if isinstance(v, torch.Tensor)}
-        extra = f" {json.dumps(info)}" if info else ""
-        print(f"{src} -> {dst} ({result.image.shape[-1]}x{result.image.shape[-2]}){extra}", file=sys.stderr)
-    return 0
+        return result.image, json.dumps(info) if info else ""
+
+    outcomes: list[jobs.Outcome] = []
+
+    def report(outcome: jobs.Outcome) -> None:
+        outcomes.append(outcome)
+        _report(outcome, shapes)
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # --max-pixels (load_image) is the one limit in this process
+    try:
+        summary = jobs.run_job(plan, run, scale=desc.scale, overwrite=args.overwrite,
+                               max_pixels=args.max_pixels or None, report=report)
+    except (KeyboardInterrupt, _Interrupted):
+        done = sum(o.status != "failed" for o in outcomes)
+        print(f"interrupted: {done} of {len(plan.tasks)} images finished and kept, no partial file written; "
+              "run the same command again to do the rest", file=sys.stderr)
+        return jobs.EXIT_INTERRUPTED
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if len(plan.tasks) > 1 or summary.exit_code:
+        for line in summary.lines():
+            print(line, file=sys.stderr)
+    return summary.exit_code
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -138,18 +197,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m realsr_core", description="Real-world super-resolution.")
     sub = p.add_subparsers(dest="command", required=True)
-    u = sub.add_parser("upscale", help="upscale an image file or a folder of images")
-    u.add_argument("input", help="image file or folder")
-    u.add_argument("-o", "--output", required=True, help="output file, or folder when INPUT is a folder")
+    u = sub.add_parser("upscale", help="upscale an image file or a folder of images (with its subfolders)",
+                       epilog="Exit status: 0 all done, 2 refused before any work, 3 some files failed (listed), "
+                              "130 interrupted (run the same command again to continue).")
+    u.add_argument("input", help="image file or folder (subfolders are mirrored in the output)")
+    u.add_argument("-o", "--output", required=True,
+                   help="output file (.png, .jpg, .webp, .bmp, .tif), or a folder (existing or ending with /); "
+                        "a folder input always gives a folder of PNG files")
     u.add_argument("--model", default=None,
                    help="checkpoint file (.safetensors, .pth, .ckpt, ...); default: the shipped CRL-SR x4 model")
-    u.add_argument("--tile", type=_tile, default="auto", help="input tile size in pixels, 'auto' (default) or 0 for none")
-    u.add_argument("--overlap", type=int, default=16, help="blend width between tiles, input pixels (default 16)")
+    u.add_argument("--tile", type=_tile, default="auto",
+                   help="input tile size in pixels (at least 32), 'auto' (default: the largest that fits the memory "
+                        "budget) or 0 for none")
+    u.add_argument("--overlap", type=_non_negative, default=16, help="blend width between tiles, input pixels (default 16)")
+    u.add_argument("--memory-budget", type=_bytes, default=None, metavar="SIZE",
+                   help="memory 'auto' tiles may use, e.g. 2G (default: 1G on a CPU, 80%% of free memory on a GPU)")
     u.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     u.add_argument("--half", action="store_true", help="half precision (float16 on GPU, bfloat16 on CPU)")
     u.add_argument("--blur", type=_parse_score, default=None, help="MM-RealSR blur score in [0, 1] or 'auto'")
     u.add_argument("--noise", type=_parse_score, default=None, help="MM-RealSR noise score in [0, 1] or 'auto'")
-    u.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    u.add_argument("--overwrite", action="store_true",
+                   help="redo finished results and replace existing files (never an input file)")
+    u.add_argument("--keep-ext", action="store_true",
+                   help="name folder results name.jpg.png, for folders holding name.jpg and name.png")
+    u.add_argument("--max-pixels", type=_non_negative, default=imageio.DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse larger inputs, a guard against decompression bombs (default {imageio.DEFAULT_MAX_PIXELS}, "
+                        "0 for no limit)")
     u.set_defaults(func=cmd_upscale)
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("model")
@@ -171,13 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; returns the exit status (see ``jobs.EXIT_*``).  Errors are one line, never a traceback."""
     try:
-        return args.func(args)
-    except RealSRError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage error (or --help); a caller gets the status back
+        return int(e.code or 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RealSRWarning)
+        warnings.showwarning = _warn_line
+        try:
+            return args.func(args)
+        except RealSRError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return jobs.EXIT_REFUSED
+        except (KeyboardInterrupt, _Interrupted):
+            print("\ninterrupted", file=sys.stderr)
+            return jobs.EXIT_INTERRUPTED
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Interrupted
+
+
+def entry() -> None:
+    """The console script: SIGTERM stops as cleanly as Ctrl-C (no partial file, one line)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -206,8 +206,8 @@ def color_fix(
         (B, C, H, W) in ``image``'s dtype and device, not clamped.
 
     Raises:
-        InvalidInputError: bad shapes, channel or batch mismatch, unknown method or strength
-            outside [0, 1].
+        InvalidInputError: bad shapes, channel or batch mismatch, NaN / inf pixels, unknown method or
+            strength outside [0, 1].
     """
     _check_4d("image", image)
     _check_4d("reference", reference)
@@ -225,6 +225,9 @@ def color_fix(
         raise InvalidInputError(
             f"reference batch must be 1 or equal the image batch {image.shape[0]}, got {reference.shape[0]}"
         )
+    for name, t in (("image", image), ("reference", reference)):
+        if not torch.isfinite(t).all():
+            raise InvalidInputError(f"the {name} contains NaN or infinite values; expected finite pixel values")
     if method == "adain" and image.shape[-2] * image.shape[-1] < 2:
         raise InvalidInputError(f"adain needs an image of at least 2 pixels, got {tuple(image.shape[-2:])}")
 

@@ -21,3 +21,11 @@ class InvalidInputError(RealSRError, ValueError):
 
 class Cancelled(RealSRError):
     """Raised when a cancellation check asked the running job to stop."""
+
+
+class NumericalError(RealSRError):
+    """A model produced NaN or infinite values: the result is refused rather than saved as black pixels."""
+
+
+class RealSRWarning(UserWarning):
+    """Something was adjusted or ignored (a tile raised to the minimum, an option the model does not take)."""

@@ -6,6 +6,7 @@ descriptor's ``prepare`` once per image, before tiling, and are reused for every
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from . import tiling
 from .descriptor import ModelDescriptor
-from .errors import Cancelled, InvalidInputError
+from .errors import Cancelled, InvalidInputError, NumericalError, RealSRWarning
 
 TileSize = int | Literal["auto"] | None
 AlphaMode = Literal["bicubic", "model"]
@@ -31,11 +32,16 @@ class UpscaleResult:
     tile: int | None = None
 
 
+# Pixel values may overshoot [0, 1] a little after resampling (bicubic, Lanczos ringing); those are clamped.
+# Anything further out is a different convention (0..255, -1..1) and is refused rather than clamped to white.
+RANGE_TOLERANCE = 0.25
+
+
 def validate_image(image: Tensor, desc: ModelDescriptor) -> None:
     """Refuse what the model cannot take, with a message that says what is expected.
 
     Args:
-        image: (B, C, H, W) float, C in {1, 3, 4}.
+        image: (B, C, H, W) float in [0, 1], C in {1, 2, 3, 4} (gray, gray + alpha, RGB, RGBA).
     """
     if not isinstance(image, Tensor) or image.ndim != 4:
         shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
@@ -45,19 +51,73 @@ def validate_image(image: Tensor, desc: ModelDescriptor) -> None:
     b, c, h, w = image.shape
     if b == 0:
         raise InvalidInputError("the image batch is empty")
-    if c not in (1, 3, 4):
-        raise InvalidInputError(f"expected 1 (gray), 3 (RGB) or 4 (RGBA) channels, got {c}")
+    if c not in (1, 2, 3, 4):
+        raise InvalidInputError(f"expected 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA) channels, got {c}")
     if min(h, w) < desc.min_size:
         raise InvalidInputError(
             f"image is {w}x{h} pixels; {desc.name} needs at least {desc.min_size}x{desc.min_size}"
         )
     if not torch.isfinite(image).all():
         raise InvalidInputError("the image contains NaN or infinite values; expected finite values in [0, 1]")
+    low, high = float(image.min()), float(image.max())
+    if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        hint = " (8-bit values: divide by 255)" if high > 2 else " (a -1..1 image: use (x + 1) / 2)" if low < -0.5 else ""
+        raise InvalidInputError(f"pixel values range from {low:g} to {high:g}; expected [0, 1]{hint}")
 
 
-def _pick_dtype(desc: ModelDescriptor, device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A usable torch device from a user's string, or InvalidInputError saying why not.
+
+    None picks CUDA when it is available, else the CPU.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidInputError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InvalidInputError(f"device {str(device)!r} was asked for, but {why} (torch {torch.__version__}); "
+                                    "use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InvalidInputError(f"device {str(device)!r} was asked for, but MPS is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise InvalidInputError(f"device {str(device)!r} is not supported; expected cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_tile(tile: object) -> TileSize:
+    if tile is None or tile == "auto":
+        return tile  # type: ignore[return-value]
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+        raise InvalidInputError(f"tile must be a size in pixels (an int), 'auto' or None, got {tile!r}")
+    return None if tile == 0 else tile
+
+
+def _check_options(desc: ModelDescriptor, options: dict[str, Any]) -> None:
+    accepted = desc.option_names()
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"takes {', '.join(accepted)}" if accepted else "takes no options"
+        raise InvalidInputError(f"{desc.name} {takes}; got unknown option(s) {', '.join(unknown)}")
+
+
+def compute_dtype(desc: ModelDescriptor, device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a model actually runs in when ``dtype`` is asked for on ``device`` (None: float32)."""
     if dtype is None:
         return torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InvalidInputError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or None, got {dtype!r}")
     if dtype == torch.float16 and (not desc.supports_half or device.type == "cpu"):
         # float16 convolutions are slow or missing on CPU; bf16 is the CPU half type.
         return torch.bfloat16 if desc.supports_bf16 and device.type == "cpu" else torch.float32
@@ -93,20 +153,30 @@ def upscale(
 
     Args:
         desc: a loaded model (``load_model``).
-        image: (B, C, H, W) in [0, 1], C = 1 (gray), 3 (RGB) or 4 (RGBA); any device.
-        tile: input tile size, ``"auto"`` (largest that fits the memory budget) or None (whole image).
+        image: (B, C, H, W) in [0, 1], C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA); any
+            device.  Values within ``RANGE_TOLERANCE`` of the range (resampling overshoot) are clamped;
+            others are refused.
+        tile: input tile size in pixels, ``"auto"`` (largest that fits the memory budget), None or 0
+            (whole image).  Tiles below ``tiling.DEFAULT_MIN_TILE`` are raised to it with a warning.
         overlap: feathered blend width between tiles, input pixels.
         context: extra margin run around each tile and discarded, input pixels.
         tiles_per_batch: tiles of equal size per model call.
-        device: where the model runs (default: where it is).
-        dtype: compute dtype (float32 default; half types where the model supports them).
+        device: where the model runs (default: where it is); the model is moved there.
+        dtype: compute dtype (float32 default; half types where the model supports them).  A dtype
+            other than the model's runs on a cast copy: the loaded weights are never rounded.
         output_device: where the result is assembled (CPU keeps GPU memory bounded).
-        alpha: RGBA only: ``"bicubic"`` resizes alpha, ``"model"`` runs it through the model as gray.
+        alpha: with alpha only: ``"bicubic"`` resizes alpha, ``"model"`` runs it through the model as gray.
         progress: ``progress(done, total)`` after each tile batch (totals over the whole job).
         cancel: checked before each model call; True raises ``Cancelled``.
-        memory_budget: bytes for ``tile="auto"`` (default: from the device's free memory).
+        memory_budget: bytes for ``tile="auto"`` (default ``tiling.memory_budget(device)``: a share
+            of free GPU memory, or a fixed CPU budget).
         options: architecture options for ``prepare`` (e.g. MM-RealSR ``blur``, ``noise``); a list
-            gives one value per image of the batch.
+            gives one value per image of the batch; an option the model does not take is refused.
+
+    Raises:
+        InvalidInputError: a bad image, argument, device or option (the message says which).
+        NumericalError: the model produced NaN / inf values.
+        Cancelled: ``cancel()`` returned True.
 
     Returns:
         an ``UpscaleResult``: the image (B, C, H*s, W*s) clamped to [0, 1] on ``output_device``,
@@ -117,21 +187,42 @@ def upscale(
     validate_image(image, desc)
     if desc.in_channels != 3:
         raise InvalidInputError(f"{desc.name} takes {desc.in_channels}-channel input; only RGB models are run here")
-    device = torch.device(device) if device is not None else desc.device
-    compute_dtype = _pick_dtype(desc, device, dtype)
-    desc.to(device, compute_dtype)
+    tile = _check_tile(tile)
+    overlap = _check_int("overlap", overlap, 0)
+    context = _check_int("context", context, 0)
+    tiles_per_batch = _check_int("tiles_per_batch", tiles_per_batch, 1)
+    if alpha not in ("bicubic", "model"):
+        raise InvalidInputError(f"alpha must be 'bicubic' or 'model', got {alpha!r}")
+    _check_options(desc, options)
+    device = resolve_device(device) if device is not None else desc.device
+    run_dtype = compute_dtype(desc, device, dtype)
+    desc.to(device)  # moving is lossless; a dtype change runs on a copy, so the loaded model is never rounded
+    desc = desc.with_dtype(run_dtype)
     b, c, h, w = image.shape
     s = desc.scale
 
-    rgb = image[:, :3] if c >= 3 else image.expand(b, 3, h, w)
-    jobs = b * (2 if c == 4 and alpha == "model" else 1)
+    colour = 3 if c >= 3 else 1
+    rgb = image[:, :3] if colour == 3 else image[:, :1].expand(b, 3, h, w)
+    has_alpha = c in (2, 4)
+    jobs = b * (2 if has_alpha and alpha == "model" else 1)
+    floor = max(tiling.DEFAULT_MIN_TILE, desc.min_size)
     if tile == "auto":
         budget = memory_budget if memory_budget is not None else tiling.memory_budget(device)
         # Half types roughly halve activation memory.
-        bpp = desc.bytes_per_px * (0.5 if compute_dtype in (torch.float16, torch.bfloat16) else 1.0)
-        tile_px: int | None = tiling.auto_tile_size(h, w, bpp * tiles_per_batch, budget, desc.size_multiple)
+        bpp = desc.bytes_per_px * (0.5 if run_dtype in (torch.float16, torch.bfloat16) else 1.0)
+        tile_px: int | None = tiling.auto_tile_size(h, w, bpp * tiles_per_batch, budget, desc.size_multiple,
+                                                    context=context)
+        tile_px = tiling.balanced_tile(max(h, w), tile_px, overlap, desc.size_multiple)
+        if tile_px < min(floor, max(h, w)):
+            warnings.warn(f"a memory budget of {budget / 2**20:.0f} MiB fits only {tile_px}px tiles of {desc.name}; "
+                          f"using {floor}px tiles (smaller ones would run for very long)", RealSRWarning, stacklevel=2)
+            tile_px = floor
     else:
         tile_px = tile
+        if tile_px is not None and tile_px < floor and tile_px < max(h, w):
+            warnings.warn(f"tile {tile_px}px is too small to be useful (each tile runs with a {context}px margin); "
+                          f"using {floor}px tiles", RealSRWarning, stacklevel=2)
+            tile_px = floor
     if tile_px is not None and tile_px >= max(h, w):
         tile_px = None
 
@@ -145,7 +236,7 @@ def upscale(
     def run(img: Tensor, ctx: dict[str, Any]) -> Tensor:
         nonlocal done_before
         def fn(x: Tensor) -> Tensor:
-            x = x.to(device=device, dtype=compute_dtype)
+            x = x.to(device=device, dtype=run_dtype)
             return desc.forward(x, **_broadcast(ctx, x.shape[0])).float()
 
         if tile_px is None:
@@ -179,19 +270,29 @@ def upscale(
         # A list option gives one value per image (e.g. a sweep of MM-RealSR scores).
         opts = {k: v[i] if isinstance(v, (list, tuple)) else v for k, v in options.items()}
         with torch.inference_mode():
-            ctx = desc.prepare(x.to(device, compute_dtype), **opts)
-            y = run(x, ctx).clamp_(0, 1)
+            ctx = desc.prepare(x.to(device, run_dtype), **opts)
+            y = _finite(run(x, ctx), desc, run_dtype, device).clamp_(0, 1)
         contexts.append(ctx)
-        if c == 1:
+        if colour == 1:
             y = y.mean(dim=1, keepdim=True)
-        elif c == 4:
-            a = image[i : i + 1, 3:4].float()
+        if has_alpha:
+            a = image[i : i + 1, c - 1 : c].float().clamp(0, 1)
             if alpha == "model":
                 with torch.inference_mode():
-                    ya = run(a.expand(1, 3, h, w), ctx).mean(dim=1, keepdim=True)
+                    ya = _finite(run(a.expand(1, 3, h, w), ctx), desc, run_dtype, device).mean(dim=1, keepdim=True)
             else:
                 ya = F.interpolate(a.to(output_device), size=(h * s, w * s), mode="bicubic", align_corners=False)
             y = torch.cat([y, ya.clamp(0, 1)], dim=1)
         outs.append(y)
     # Outside inference mode, cat gives an ordinary tensor that callers may modify or train on.
     return UpscaleResult(torch.cat(outs, dim=0), contexts, tile_px)
+
+
+def _finite(y: Tensor, desc: ModelDescriptor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Refuse a result with NaN / inf values: saved, they would be silently black or white pixels."""
+    bad = int((~torch.isfinite(y)).sum())
+    if bad:
+        hint = "; run it in float32 (without --half)" if dtype != torch.float32 else ""
+        raise NumericalError(f"{desc.name} produced {bad} NaN or infinite values of {y.numel()} on {device} in "
+                             f"{str(dtype).removeprefix('torch.')}{hint}; the result was not kept")
+    return y

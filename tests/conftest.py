@@ -24,3 +24,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MM-RealSR x4 (random weights, official layout) saved as BasicSR writes it: fast CLI runs."""
+    from realsr_core.models.mmrealsr import MMRealSRNet
+
+    torch.manual_seed(0)
+    net = MMRealSRNet(num_feat=16, num_block=1, num_grow_ch=8, embed_dim=32,
+                      de_num_feats=(16, 32), de_num_blocks=(1, 1), de_downscales=(2, 1), de_hidden_dim=32)
+    path = tmp_path_factory.mktemp("ckpt") / "small_mmrealsr.pth"
+    torch.save({"params": net.state_dict()}, path)
+    return path

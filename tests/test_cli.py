@@ -14,17 +14,6 @@ from PIL import Image
 
 from realsr_core.__main__ import main
 from realsr_core.imageio import load_image, save_image
-from realsr_core.models.mmrealsr import MMRealSRNet
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    net = MMRealSRNet(num_feat=16, num_block=1, num_grow_ch=8, embed_dim=32,
-                      de_num_feats=(16, 32), de_num_blocks=(1, 1), de_downscales=(2, 1), de_hidden_dim=32)
-    path = tmp_path_factory.mktemp("ckpt") / "small_mmrealsr.pth"
-    torch.save({"params": net.state_dict()}, path)
-    return path
 
 
 @pytest.fixture()
@@ -37,15 +26,16 @@ def photos(tmp_path: Path) -> Path:
     return folder
 
 
-def test_upscale_file_then_refuse_overwrite(tmp_path: Path, photos: Path, checkpoint: Path, capsys) -> None:
+def test_upscale_file_then_skip_or_overwrite(tmp_path: Path, photos: Path, checkpoint: Path, capsys) -> None:
     out = tmp_path / "cat_x4.png"
     assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--model", str(checkpoint), "--tile", "32"]) == 0
     assert Image.open(out).size == (48 * 4, 40 * 4)
     err = capsys.readouterr().err
     assert "tiles" in err and "degrees" in err  # progress bar and the scores used
     before = out.read_bytes()
-    assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--model", str(checkpoint), "--blur", "0.9"]) == 2
-    assert "overwrite" in capsys.readouterr().err
+    # A finished result is kept: the rerun skips it and says how to redo it.
+    assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--model", str(checkpoint), "--blur", "0.9"]) == 0
+    assert "already done (--overwrite redoes it)" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert main(["upscale", str(photos / "cat.png"), "-o", str(out), "--model", str(checkpoint), "--blur", "0.9",
                  "--overwrite"]) == 0
@@ -81,6 +71,18 @@ def test_module_entry_point_runs(tmp_path: Path, photos: Path, checkpoint: Path)
     )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (192, 160)
+
+
+def test_installed_command_runs_from_any_folder(tmp_path: Path, photos: Path, checkpoint: Path) -> None:
+    """The README's set-up (pip install -e .) gives `python -m realsr_core` and `realsr` outside the repository."""
+    script = Path(sys.executable).with_name("realsr")
+    assert script.is_file(), "the package is not installed: run the README's set-up command (pip install -e .)"
+    for cmd in ([sys.executable, "-m", "realsr_core"], [str(script)]):
+        out = tmp_path / f"{len(cmd)}.png"
+        proc = subprocess.run([*cmd, "upscale", str(photos / "cat.png"), "-o", out.name, "--model", str(checkpoint)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert Image.open(out).size == (192, 160)
 
 
 def test_upscale_without_model_uses_the_shipped_one(tmp_path: Path, photos: Path, capsys) -> None:

@@ -355,8 +355,22 @@ def test_auto_tile_size() -> None:
 
 
 def test_memory_budget() -> None:
+    """On a CPU "auto" tiles get a stated budget (1 GiB by default, adjustable), never all free RAM."""
+    from realsr_core.tiling import DEFAULT_CPU_BUDGET
+
     budget = memory_budget("cpu")
-    assert isinstance(budget, int) and budget > 0
-    assert memory_budget("cpu", cpu_fraction=0.25) <= budget
+    assert isinstance(budget, int) and 0 < budget <= DEFAULT_CPU_BUDGET == 1024**3
+    assert memory_budget("cpu", cpu_budget=256 * 2**20) == min(256 * 2**20, budget)
     if torch.cuda.is_available():
         assert 0 < memory_budget("cuda") <= torch.cuda.get_device_properties(0).total_memory
+
+
+def test_balanced_tile_runs_the_fewest_pixels_for_the_same_tile_count() -> None:
+    from realsr_core.tiling import balanced_tile
+
+    assert balanced_tile(1024, 558, 16) == 520 and plan_tiles(1024, 520, 16) == [0, 504]  # 2 tiles, 16 px shared
+    assert len(plan_tiles(1024, 558, 16)) == 2 and plan_tiles(1024, 558, 16)[1] == 466  # 92 px run twice
+    for length, tile, overlap, multiple in ((1000, 300, 16, 8), (777, 100, 0, 1), (513, 512, 16, 4), (64, 100, 8, 1)):
+        even = balanced_tile(length, tile, overlap, multiple)
+        assert even <= max(tile, length) and even % multiple == 0 or even >= length
+        assert len(plan_tiles(length, even, min(overlap, even // 2))) == len(plan_tiles(length, tile, min(overlap, tile // 2)))

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from realsr_core import load_model
 from realsr_core.__main__ import main
+from realsr_core.files import atomic_write
 from realsr_core.training.trainer import (
     ConfigError,
     TrainingError,
-    atomic_write,
     load_config,
     lr_factor,
     read_metadata,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RealSRError
+from ..files import atomic_write
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STATE_FORMAT = 1
@@ -489,27 +490,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------- files
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Write a file so that readers see either the old file or the complete new one, never a part.
-
-    ``write`` fills a temporary file beside ``path``; it is flushed to disk and moved over ``path``
-    with ``os.replace`` (atomic on POSIX and Windows).  On any exception the temporary file is removed
-    and ``path`` is left as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def save_weights(path: str | os.PathLike[str], state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
     """Write ``state_dict`` as safetensors (atomically) with string ``metadata``."""
     from safetensors.torch import save
