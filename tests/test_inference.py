@@ -141,7 +141,8 @@ def test_progress_and_cancel(small_mmrealsr, photo) -> None:
 
 
 def test_auto_tile_respects_memory_budget(small_mmrealsr, photo) -> None:
-    res = upscale(small_mmrealsr, photo, tile="auto", memory_budget=int(small_mmrealsr.bytes_per_px * 48 * 48))
-    assert res.tile is not None and res.tile <= 48
+    # The budget must hold the tile's window: the tile plus its 16 px context on each side.
+    res = upscale(small_mmrealsr, photo, tile="auto", memory_budget=int(small_mmrealsr.bytes_per_px * (32 + 32) ** 2))
+    assert res.tile == 32  # the 64x80 photo would need 5120 px at once: it is tiled
     whole = upscale(small_mmrealsr, photo, tile="auto", memory_budget=2**40)
     assert whole.tile is None
