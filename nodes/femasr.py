@@ -5,18 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import host
-from .types import CATEGORY, PREFIX, FeMaSRModel
-
-
-def tile_inputs() -> list[io.Input]:
-    """Tile size and overlap, shared by the feed-forward upscale nodes."""
-    return [
-        io.Combo.Input("tile_size", options=host.TILE_CHOICES, default="auto",
-                       tooltip="Input tile size in pixels. 'auto' picks the largest that fits free memory; "
-                       "'none' runs the whole image at once. Out of memory halves it automatically."),
-        io.Int.Input("overlap", default=16, min=0, max=256, step=8,
-                     tooltip="Input pixels shared and feather-blended between neighbouring tiles."),
-    ]
+from .types import CATEGORY, PREFIX, FeMaSRModel, tile_inputs
 
 
 class FeMaSRUpscale(io.ComfyNode):

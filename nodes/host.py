@@ -25,7 +25,6 @@ from ..realsr_core.weights import builtin_models, builtin_path
 log = logging.getLogger(__name__)
 
 FOLDER = "realsr"
-TILE_CHOICES = ["auto", "none", "128", "192", "256", "320", "384", "512", "768", "1024"]
 
 
 def register_model_folder() -> None:
@@ -112,7 +111,7 @@ def parse_tile(value: str) -> TileSize:
     return "auto" if value == "auto" else None if value == "none" else int(value)
 
 
-def _offload(patcher: comfy.model_patcher.ModelPatcher) -> None:
+def offload(patcher: comfy.model_patcher.ModelPatcher) -> None:
     """Give the model's memory back once the node is done (the next node usually needs the GPU)."""
     for i, loaded in enumerate(mm.current_loaded_models):
         if loaded.model is patcher:
@@ -121,7 +120,8 @@ def _offload(patcher: comfy.model_patcher.ModelPatcher) -> None:
             break
 
 
-def _interrupt_check() -> bool:
+def interrupt_check() -> bool:
+    """A core ``cancel`` callback: raises ComfyUI's interrupt when the user pressed Cancel, else False."""
     mm.throw_exception_if_processing_interrupted()  # raises ComfyUI's own interrupt exception
     return False
 
@@ -142,10 +142,10 @@ def run_upscale(model: RealSRModel, image: Tensor, *, tile: str, overlap: int, *
         res = upscale(
             desc, image.movedim(-1, 1), tile=tile_size, overlap=overlap, device=device, dtype=desc.dtype,
             output_device=mm.intermediate_device(), progress=lambda d, t: pbar.update_absolute(d, t),
-            cancel=_interrupt_check, **options,
+            cancel=interrupt_check, **options,
         )
     finally:
-        _offload(model.patcher)
+        offload(model.patcher)
     return res.image.movedim(1, -1), res.context
 
 
@@ -169,7 +169,7 @@ def run_finetune(model: Any, image: Tensor, lway: RealSRModel, *, iterations: in
     try:
         result = finetune(model, image.movedim(-1, 1), lway.desc, iterations=iterations, device=device,
                           progress=lambda done, total, _loss: pbar.update_absolute(done, total),
-                          cancel=_interrupt_check, **options)
+                          cancel=interrupt_check, **options)
     finally:
         mm.soft_empty_cache()
     result.model.to(mm.unet_offload_device())

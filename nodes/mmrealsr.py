@@ -6,8 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from . import host
-from .femasr import tile_inputs
-from .types import CATEGORY, PREFIX, MMRealSRModel
+from .types import CATEGORY, PREFIX, MMRealSRModel, tile_inputs
 
 
 def _score_inputs(name: str, what: str) -> list[io.Input]:

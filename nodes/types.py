@@ -1,4 +1,4 @@
-"""The pack's socket types: one per model family, so the graph refuses a wrong connection."""
+"""The pack's socket types (one per model family, so the graph refuses a wrong connection) and shared input declarations."""
 
 from __future__ import annotations
 
@@ -27,3 +27,17 @@ LOADER_OUTPUTS = [
     (FEED_FORWARD, SRModel, "SR model"),
     ("lway", LWayModule, "LWay module"),
 ]
+
+# The tile_size choices of the feed-forward upscale nodes (host.parse_tile turns one into the core's tile).
+TILE_CHOICES = ["auto", "none", "128", "192", "256", "320", "384", "512", "768", "1024"]
+
+
+def tile_inputs() -> list[io.Input]:
+    """Tile size and overlap, shared by the feed-forward upscale nodes."""
+    return [
+        io.Combo.Input("tile_size", options=TILE_CHOICES, default="auto",
+                       tooltip="Input tile size in pixels. 'auto' picks the largest that fits free memory; "
+                       "'none' runs the whole image at once. Out of memory halves it automatically."),
+        io.Int.Input("overlap", default=16, min=0, max=256, step=8,
+                     tooltip="Input pixels shared and feather-blended between neighbouring tiles."),
+    ]

@@ -5,8 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import host
-from .femasr import tile_inputs
-from .types import CATEGORY, FEED_FORWARD, PREFIX, SRModel
+from .types import CATEGORY, FEED_FORWARD, PREFIX, SRModel, tile_inputs
 
 
 class RealSRUpscale(io.ComfyNode):

@@ -61,13 +61,13 @@ SRModel = Any  # nn.Module | ModelDescriptor | a spandrel ImageModelDescriptor (
 # --------------------------------------------------------------------------------------------- weight map
 def _haar_filters(dtype: torch.dtype, device: torch.device) -> Tensor:
     """The four 2x2 analysis filters of the 2-D Haar DWT, (4, 1, 2, 2): LL, then PyWavelets' cH, cV, cD."""
-    import pywt
-
-    wav = pywt.Wavelet("haar")
-    # pywt convolves with dec_lo / dec_hi and keeps the odd samples; F.conv2d correlates, so the filters
-    # are reversed, which makes conv2d(stride 2) equal pywt.dwt2 (checked in the tests).
-    lo = torch.tensor(wav.dec_lo[::-1], dtype=torch.float64)
-    hi = torch.tensor(wav.dec_hi[::-1], dtype=torch.float64)
+    # The orthonormal Haar filters: low-pass (1, 1) / sqrt(2), high-pass (1, -1) / sqrt(2).  These are
+    # PyWavelets' Wavelet("haar").dec_lo / dec_hi, [s, s] and [-s, s] with s = sqrt(0.5) = 0.7071067811865476
+    # (the same double), reversed: pywt convolves and keeps the odd samples, F.conv2d correlates, so
+    # reversing them makes conv2d(stride 2) equal pywt.dwt2 (checked against the analytic values in the tests).
+    s = math.sqrt(0.5)
+    lo = torch.tensor([s, s], dtype=torch.float64)
+    hi = torch.tensor([s, -s], dtype=torch.float64)
     # pywt.dwt2 names the bands by axis 0 (rows) then axis 1: cH = ('da') detail along rows, approx along columns.
     bank = torch.stack([torch.outer(lo, lo), torch.outer(hi, lo), torch.outer(lo, hi), torch.outer(hi, hi)])
     return bank[:, None].to(device=device, dtype=dtype)
@@ -76,7 +76,8 @@ def _haar_filters(dtype: torch.dtype, device: torch.device) -> Tensor:
 def haar_dwt2(x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """One level of the 2-D Haar DWT of every channel, equal to ``pywt.dwt2(x, "haar")`` (mode "symmetric").
 
-    The filters come from PyWavelets; the transform runs as a stride-2 convolution on ``x``'s device.
+    The filters are the orthonormal Haar pair (constants, no PyWavelets needed); the transform runs as a
+    stride-2 convolution on ``x``'s device.
 
     Args:
         x: (B, C, H, W) float.

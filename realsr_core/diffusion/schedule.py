@@ -30,7 +30,6 @@ __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "extract",
     "make_schedule",
-    "predict_eps_from_x0",
     "predict_x0_from_eps",
     "predict_x0_from_v",
     "q_posterior",
@@ -283,14 +282,6 @@ def predict_x0_from_v(schedule: DDPMSchedule, x_t: Tensor, i: Tensor | int, v: T
     return extract(schedule.sqrt_alphas_cumprod, idx, x_t) * x_t - extract(
         schedule.sqrt_one_minus_alphas_cumprod, idx, x_t
     ) * v
-
-
-def predict_eps_from_x0(schedule: DDPMSchedule, x_t: Tensor, i: Tensor | int, x0: Tensor) -> Tensor:
-    """``eps = (sqrt(1/abar_i) * x_t - x0) / sqrt(1/abar_i - 1)``: the noise implied by an x0 estimate."""
-    idx = _as_index(i, x_t)
-    return (extract(schedule.sqrt_recip_alphas_cumprod, idx, x_t) * x_t - x0) / extract(
-        schedule.sqrt_recipm1_alphas_cumprod, idx, x_t
-    )
 
 
 def q_posterior(schedule: DDPMSchedule, x0: Tensor, x_t: Tensor, i: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:

@@ -49,7 +49,6 @@ __all__ = [
     "check_image",
     "extract_vae_state_dict",
     "infer_vae_config",
-    "is_vae_state_dict",
     "normalize",
     "vae_prefix",
 ]
@@ -474,11 +473,6 @@ def vae_prefix(state_dict: Mapping[str, Any]) -> str | None:
         if _has(state_dict, prefix):
             return prefix
     return None
-
-
-def is_vae_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """True when the LDM-layout VAE keys are present (bare or under a known prefix)."""
-    return vae_prefix(state_dict) is not None
 
 
 def extract_vae_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
