@@ -28,17 +28,27 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-import torch.nn.functional as F
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 from torch import Tensor, nn
 
-from ..realsr_core import color_fix
 from ..realsr_core.diffusion import gaussian_weights, make_schedule, plan_latent_tiles
+from ..realsr_core.diffusion.engine import (
+    TILED_VAE_AUTO_PIXELS,
+    VAE_DECODE_CONTEXT,
+    VAE_DECODE_OVERLAP,
+    VAE_DECODE_TILE,
+    VAE_ENCODE_CONTEXT,
+    VAE_ENCODE_OVERLAP,
+    VAE_ENCODE_TILE,
+    StableSROptions,
+    run_stablesr,
+)
 from ..realsr_core.diffusion.tiled_vae import tiled_decode, tiled_encode
 from ..realsr_core.diffusion.ve import ddpm_ve_sigmas, lr_start_ve, sample_ddpm_ve
 from ..realsr_core.models.stablesr import StableSRModule, bind_sft_forward
-from .host import RealSRModel, _interrupt_check
-from .host import _offload as host_offload
+from ..realsr_core.models.stablesr.sd import check_module_fits
+from .host import RealSRModel, interrupt_check
+from .host import offload as host_offload
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +58,6 @@ SAMPLER_DDPM = "stablesr_ddpm"
 STARTS = ["lr_latent", "noise"]
 COLOR_FIXES = ["wavelet", "adain", "none"]
 TILED_VAE = ["auto", "on", "off"]
-# "auto" tiles the VAE above this many output pixels (2 MP: a 1448x1448 image), or earlier when the
-# host's own estimate of a whole-image decode does not fit in free memory.
-TILED_VAE_AUTO_PIXELS = 2 * 1024 * 1024
-VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, VAE_ENCODE_CONTEXT = 512, 64, 64  # image pixels
-VAE_DECODE_TILE, VAE_DECODE_OVERLAP, VAE_DECODE_CONTEXT = 64, 8, 8  # latent pixels
-PAD_MULTIPLE = 32  # pixels; the official script reflect-pads right / bottom to a multiple of 32
 
 
 # ---------------------------------------------------------------------------- model patching
@@ -73,22 +77,17 @@ def resblock(unet: nn.Module, path: str) -> nn.Module:
 
 def check_fit(unet: nn.Module, module: StableSRModule) -> None:
     """Raise a clear error when the module's SFT layers do not match the MODEL's UNet."""
-    bad: list[str] = []
-    for path, layer in module.sft_layers:
+
+    def channels_of(path: str) -> int | None:
         try:
             block = resblock(unet, path)
         except (AttributeError, IndexError):
-            bad.append(f"{path} (missing)")
-            continue
+            return None
         if not all(hasattr(block, a) for a in ("in_layers", "out_layers", "skip_connection")):
-            bad.append(f"{path} (not a ResBlock)")
-        elif getattr(block, "out_channels", layer.channels) != layer.channels:
-            bad.append(f"{path} ({block.out_channels} channels, module {layer.channels})")
-    if bad:
-        raise ValueError(
-            "the StableSR module does not fit this MODEL's UNet (it needs a Stable Diffusion 2.x UNet: "
-            f"SD 2.1 512 for the 512 module, 768-v for the 768 module); mismatching blocks: {bad[:4]}"
-        )
+            return None  # not a ResBlock
+        return getattr(block, "out_channels", None)
+
+    check_module_fits(module, channels_of)
 
 
 def _injection(module: StableSRModule, state: _SFTState) -> PatcherInjection:
@@ -208,16 +207,6 @@ def is_v_prediction(model: comfy.model_patcher.ModelPatcher) -> bool:
     return isinstance(model.get_model_object("model_sampling"), ms.V_PREDICTION)
 
 
-def auto_tiles(model: comfy.model_patcher.ModelPatcher, tile: int, overlap: int) -> tuple[int, int]:
-    """0 = the official value: 64 / 32 latent pixels for 512 models, 96 / 48 for 768-v."""
-    big = is_v_prediction(model)
-    tile = tile or (96 if big else 64)
-    overlap = overlap or (48 if big else 32)
-    if overlap >= tile:
-        raise ValueError(f"tile_overlap ({overlap}) must be smaller than tile_size ({tile})")
-    return tile, overlap
-
-
 def empty_conditioning(model: comfy.model_patcher.ModelPatcher) -> list:
     """An all-zero context of the UNet's width (77 tokens); not the official empty prompt."""
     dim = model.model.model_config.unet_config.get("context_dim") or 1024
@@ -236,29 +225,7 @@ def with_lr_latent(conditioning: list, scaled_lr: Tensor) -> list:
     return out
 
 
-# ---------------------------------------------------------------------------- images and latents
-def prepare_image(image: Tensor, upscale: float) -> tuple[Tensor, Tensor]:
-    """IMAGE [B,H,W,C] -> (bicubic-upscaled NCHW RGB in [0,1], the same reflect-padded to 32 px).
-
-    Alpha is dropped, gray is repeated to RGB.  The official script pads to a multiple of 32 px (not
-    just the VAE's 8), so the latent is a multiple of 4 like the official one; the padding is cropped
-    after decoding.
-    """
-    x = image[..., :3].movedim(-1, 1).float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    h, w = round(x.shape[-2] * upscale), round(x.shape[-1] * upscale)
-    if h < 8 or w < 8:
-        raise ValueError(f"the upscaled image would be {w}x{h}; StableSR needs at least 8x8 pixels")
-    up = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1) if (h, w) != x.shape[-2:] else x
-    ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
-    padded = up
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        padded = F.pad(up, (0, pw, 0, ph), mode=mode)
-    return up, padded
-
-
+# ---------------------------------------------------------------------------- the engine's VAE backend
 def use_tiled_vae(mode: str, vae, padded: Tensor) -> bool:
     """Whether to run the VAE (and CFW) tile by tile with shared GroupNorm statistics."""
     if mode not in TILED_VAE:
@@ -295,7 +262,7 @@ def encode(vae, padded: Tensor, tiled: bool = False) -> Tensor:
 
     return tiled_encode(fn, fsm.encoder, padded.float(), VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP,
                         context=VAE_ENCODE_CONTEXT, device=vae.device, output_device=mm.intermediate_device(),
-                        out_dtype=torch.float32, progress=_tile_progress(), cancel=_interrupt_check)
+                        out_dtype=torch.float32, progress=_tile_progress(), cancel=interrupt_check)
 
 
 def decode_vae(vae, samples: Tensor, tiled: bool) -> Tensor:
@@ -314,7 +281,7 @@ def decode_vae(vae, samples: Tensor, tiled: bool) -> Tensor:
 
     out = tiled_decode(fn, fsm.decoder, samples.float(), VAE_DECODE_TILE, VAE_DECODE_OVERLAP,
                        context=VAE_DECODE_CONTEXT, device=vae.device, output_device=mm.intermediate_device(),
-                       out_dtype=torch.float32, progress=_tile_progress(), cancel=_interrupt_check)
+                       out_dtype=torch.float32, progress=_tile_progress(), cancel=interrupt_check)
     return vae.process_output(out)
 
 
@@ -403,7 +370,7 @@ def _decode_cfw_tiled(cfw: RealSRModel, samples: Tensor, x: Tensor, weight: floa
     win = VAE_DECODE_TILE + 2 * VAE_DECODE_CONTEXT
     mm.load_models_gpu([cfw.patcher], memory_required=int(desc.bytes_per_px * win * win), force_full_load=True)
     try:
-        kw = dict(output_device=mm.intermediate_device(), progress=_tile_progress(), cancel=_interrupt_check)
+        kw = dict(output_device=mm.intermediate_device(), progress=_tile_progress(), cancel=interrupt_check)
         feats = None
         if weight > 0:
             feats = desc.encode_tiled(x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]
@@ -414,19 +381,22 @@ def _decode_cfw_tiled(cfw: RealSRModel, samples: Tensor, x: Tensor, weight: floa
     return (out.float() + 1) / 2
 
 
-def decode(vae, samples: Tensor, size: tuple[int, int], reference: Tensor, method: str,
-           cfw: RealSRModel | None = None, padded: Tensor | None = None, cfw_weight: float = 0.5,
-           tiled: bool = False) -> Tensor:
-    """VAE (or CFW) decode, crop the padding, colour-fix against the upscaled LR image; IMAGE [B,H,W,3]."""
-    if cfw is not None and padded is not None:
-        img = decode_cfw(cfw, samples, padded, cfw_weight, tiled=tiled)
-    else:
-        img = decode_vae(vae, samples, tiled)
-    h, w = size
-    img = img[:, :3, :h, :w].float()
-    if method != "none":
-        img = color_fix(img, reference.to(img.device, img.dtype), method=method)
-    return img.clamp(0, 1).movedim(1, -1).to(mm.intermediate_device())
+class ComfyVAE:
+    """The core engine's VAE backend on ComfyUI's VAE (and the pack's CFW VAE when connected)."""
+
+    def __init__(self, vae, cfw: RealSRModel | None) -> None:
+        self.vae, self.cfw = vae, cfw
+
+    def use_tiled(self, mode: str, padded: Tensor) -> bool:
+        return use_tiled_vae(mode, self.vae, padded)
+
+    def encode(self, padded: Tensor, tiled: bool) -> Tensor:
+        return encode(self.vae, padded, tiled)
+
+    def decode(self, latent: Tensor, padded: Tensor, cfw_weight: float, tiled: bool) -> Tensor:
+        if self.cfw is not None:
+            return decode_cfw(self.cfw, latent, padded, cfw_weight, tiled=tiled)
+        return decode_vae(self.vae, latent, tiled)
 
 
 def run(
@@ -435,29 +405,24 @@ def run(
     positive: list | None, negative: list | None, cfw: RealSRModel | None = None, cfw_weight: float = 0.5,
     tiled_vae: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """The whole node: (IMAGE, unscaled latent samples)."""
-    with torch.no_grad():
-        return _run(model, sr, vae, image, upscale=upscale, seed=seed, steps=steps, sampler_name=sampler_name,
-                    scheduler=scheduler, cfg=cfg, start=start, tile_size=tile_size, tile_overlap=tile_overlap,
-                    color_fix_method=color_fix_method, positive=positive, negative=negative, cfw=cfw,
-                    cfw_weight=cfw_weight, tiled_vae=tiled_vae)
-
-
-def _run(model, sr, vae, image, *, upscale, seed, steps, sampler_name, scheduler, cfg, start, tile_size,
-         tile_overlap, color_fix_method, positive, negative, cfw, cfw_weight, tiled_vae) -> tuple[Tensor, Tensor]:
-    tile, overlap = auto_tiles(model, tile_size, tile_overlap)
-    up, padded = prepare_image(image, upscale)
-    tiled = use_tiled_vae(tiled_vae, vae, padded)
-    latent = encode(vae, padded, tiled)
+    """The whole node through the core engine: (IMAGE [B,H,W,3], unscaled latent samples)."""
     positive = positive if positive is not None else empty_conditioning(model)
     negative = negative if negative is not None else empty_conditioning(model)
-    m = patch_model(model, sr, tile, overlap)
-    try:
-        samples = sample(m, latent, positive, negative, seed=seed, steps=steps, cfg=cfg,
-                         sampler_name=sampler_name, scheduler=scheduler, start=start)
-    finally:
-        # The clone may stay cached as loaded; take the SFT hooks off the shared UNet right away.
-        m.eject_model()
-    out = decode(vae, samples, tuple(up.shape[-2:]), up, color_fix_method, cfw=cfw, padded=padded,
-                 cfw_weight=cfw_weight, tiled=tiled)
-    return out, samples
+    check_fit(model.model.diffusion_model, sr.desc.model)
+
+    def sample_with_host(latent: Tensor, tile: int, overlap: int) -> Tensor:
+        m = patch_model(model, sr, tile, overlap)
+        try:
+            return sample(m, latent, positive, negative, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                          scheduler=scheduler, start=start)
+        finally:
+            # The clone may stay cached as loaded; take the SFT hooks off the shared UNet right away.
+            m.eject_model()
+
+    options = StableSROptions(upscale=upscale, steps=steps, seed=seed, start=start, tile_size=tile_size,
+                              tile_overlap=tile_overlap, color_fix=color_fix_method, cfw_weight=cfw_weight,
+                              tiled_vae=tiled_vae)
+    with torch.no_grad():
+        img, samples = run_stablesr(image.movedim(-1, 1), vae=ComfyVAE(vae, cfw), sample=sample_with_host,
+                                    prediction="v" if is_v_prediction(model) else "eps", options=options)
+    return img.movedim(1, -1).to(mm.intermediate_device()), samples

@@ -122,8 +122,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     desc.to(dtype=compute_dtype(desc, device, torch.float16 if args.half else None))
     options = _model_options(desc, args)
     print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {device} ({str(desc.dtype)[6:]})", file=sys.stderr)
-    for line in jobs.describe_ignored(plan.ignored):
-        print(line, file=sys.stderr)
     shapes: dict[str, str] = {}
 
     def run(image: torch.Tensor, task: jobs.Task) -> tuple[torch.Tensor, str]:
@@ -137,6 +135,14 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         info = {k: v.flatten().tolist() for k, v in result.context[0].items() if isinstance(v, torch.Tensor)}
         return result.image, json.dumps(info) if info else ""
 
+    return _run_files(plan, run, desc.scale, args, shapes)
+
+
+def _run_files(plan: jobs.Plan, upscale_fn: jobs.UpscaleFn, scale: float, args: argparse.Namespace,
+               shapes: dict[str, str]) -> int:
+    """Run a planned file job with the command line's reporting, Ctrl-C handling and exit status."""
+    for line in jobs.describe_ignored(plan.ignored):
+        print(line, file=sys.stderr)
     outcomes: list[jobs.Outcome] = []
 
     def report(outcome: jobs.Outcome) -> None:
@@ -146,7 +152,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # --max-pixels (load_image) is the one limit in this process
     try:
-        summary = jobs.run_job(plan, run, scale=desc.scale, overwrite=args.overwrite,
+        summary = jobs.run_job(plan, upscale_fn, scale=scale, overwrite=args.overwrite,
                                max_pixels=args.max_pixels or None, report=report)
     except (KeyboardInterrupt, _Interrupted):
         done = sum(o.status != "failed" for o in outcomes)
@@ -161,9 +167,71 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_stablesr(args: argparse.Namespace) -> int:
+    """StableSR on the core's own UNet, VAE and text tower read from the user's SD 2.1 file."""
+    from .diffusion.engine import CoreSampler, CoreVAE, StableSROptions, run_stablesr
+    from .models.stablesr.sd import check_module_fits, load_sd, unet_channels
+
+    options = StableSROptions(upscale=args.upscale, steps=args.steps, seed=args.seed, start=args.start,
+                              tile_size=args.tile, tile_overlap=args.tile_overlap, color_fix=args.color_fix,
+                              color_fix_strength=args.color_fix_strength, cfw_weight=args.cfw_weight,
+                              tiled_vae=args.tiled_vae)
+    options.check()
+    plan = jobs.plan_job(args.input, args.output, keep_ext=args.keep_ext)
+    device = resolve_device(args.device)
+    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else torch.float32
+    module = load_model(args.module)
+    if module.arch != "stablesr":
+        raise RealSRError(f"--module {args.module}: a {module.name}, not a StableSR module (stablesr_000117.ckpt, "
+                          "webui_768v_139.ckpt, stablesr_turbo.ckpt)")
+    cfw = load_model(args.cfw) if args.cfw else None
+    if cfw is not None and cfw.arch != "stablesr_cfw":
+        raise RealSRError(f"--cfw {args.cfw}: a {cfw.name}, not StableSR's CFW VAE (vqgan_cfw_00011.ckpt)")
+    sd = load_sd(args.sd, device=device, dtype=dtype)
+    check_module_fits(module.model, unet_channels(sd.unet))
+    module.to(device, dtype)
+    if cfw is not None:
+        cfw.to(device, dtype)
+    context = sd.context(args.prompt, device).to(dtype)
+    print(f"{sd.source}: SD 2.x {sd.prediction}-prediction, {module.name}"
+          f"{', ' + cfw.name if cfw else ''} on {device} ({str(dtype)[6:]})", file=sys.stderr)
+    shapes: dict[str, str] = {}
+
+    def run(image: torch.Tensor, task: jobs.Task) -> tuple[torch.Tensor, str]:
+        bar = ProgressBar(f"{task.rel} ({options.steps} steps)")
+        sampler = CoreSampler(sd.unet, module.model.encoder, module.model.sft_layers, context,
+                              prediction=sd.prediction, steps=options.steps, seed=options.seed, start=options.start,
+                              sampler=args.sampler, device=device, dtype=dtype, progress=bar)
+        try:
+            with torch.no_grad():
+                out, _ = run_stablesr(image, vae=CoreVAE(sd.vae, cfw), sample=sampler, prediction=sd.prediction,
+                                      options=options)
+        finally:
+            bar.close()
+        if image.shape[1] in (2, 4):  # alpha: resized beside the result, as the feed-forward models do
+            alpha = torch.nn.functional.interpolate(image[:, -1:], size=out.shape[-2:], mode="bicubic")
+            out = torch.cat([out if image.shape[1] == 4 else out.mean(1, keepdim=True), alpha.clamp(0, 1)], 1)
+        elif image.shape[1] == 1:
+            out = out.mean(1, keepdim=True)
+        shapes[task.rel] = f"{out.shape[-1]}x{out.shape[-2]}"
+        return out, f"seed {options.seed}"
+
+    return _run_files(plan, run, options.upscale, args, shapes)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    desc = load_model(args.model)
-    print(json.dumps(desc.describe(), indent=1))
+    from .checkpoint import load_checkpoint
+    from .errors import UnsupportedModelError
+    from .models.stablesr.sd import load_sd, sd_kind
+
+    try:
+        described = load_model(args.model).describe()
+    except UnsupportedModelError:
+        # A Stable Diffusion checkpoint is no model of the registry, but StableSR runs on SD 2.x files.
+        if sd_kind(load_checkpoint(args.model, prefer="state_dict").state_dict) != "SD 2.x":
+            raise
+        described = load_sd(args.model).describe()
+    print(json.dumps(described, indent=1, default=str))
     return 0
 
 
@@ -224,7 +292,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse larger inputs, a guard against decompression bombs (default {imageio.DEFAULT_MAX_PIXELS}, "
                         "0 for no limit)")
     u.set_defaults(func=cmd_upscale)
-    i = sub.add_parser("info", help="describe a checkpoint")
+    st = sub.add_parser("stablesr", help="StableSR on your SD 2.1 checkpoint: an image file or a folder",
+                        epilog="Exit status as for upscale.  Files are read as released: SD 2.1 512 / 768-v "
+                               "(.safetensors or .ckpt; v-prediction is read from the weights), the StableSR module "
+                               "(the whole Lightning .ckpt), the CFW VAE (vqgan_cfw_00011.ckpt).")
+    st.add_argument("input", help="image file or folder (subfolders are mirrored in the output)")
+    st.add_argument("-o", "--output", required=True, help="output file, or a folder (existing or ending with /)")
+    st.add_argument("--sd", required=True, help="SD 2.1 checkpoint: v2-1_512-ema-pruned.safetensors (or the 768-v file)")
+    st.add_argument("--module", required=True, help="StableSR module: stablesr_000117.ckpt, webui_768v_139.ckpt, "
+                                                    "stablesr_turbo.ckpt")
+    st.add_argument("--cfw", default=None, help="CFW VAE (vqgan_cfw_00011.ckpt) for a decoder that keeps the input's detail")
+    st.add_argument("--cfw-weight", type=float, default=0.5, help="CFW fidelity weight in [0, 1] (default 0.5)")
+    st.add_argument("--upscale", type=float, default=4.0, help="output size / input size (default 4)")
+    st.add_argument("--steps", type=int, default=200, help="sampling steps (200 official, 4 for turbo)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="official respaced DDPM, or DDIM")
+    st.add_argument("--start", choices=["lr_latent", "noise"], default="lr_latent",
+                    help="x_T from the LR latent (official) or from pure noise")
+    st.add_argument("--tile", type=_non_negative, default=0, help="latent tile size (0: official 64, 96 for 768-v)")
+    st.add_argument("--tile-overlap", type=_non_negative, default=0, help="latent tile overlap (0: official 32 / 48)")
+    st.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
+    st.add_argument("--color-fix-strength", type=float, default=1.0, help="in [0, 1] (default 1)")
+    st.add_argument("--tiled-vae", choices=["auto", "on", "off"], default="auto",
+                    help="VAE window by window with shared GroupNorm statistics (auto: above 2 megapixels)")
+    st.add_argument("--prompt", default="", help="text prompt (default: the official empty prompt; others need "
+                                                 "pip install open-clip-torch)")
+    st.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    st.add_argument("--half", action="store_true", help="half precision (float16 on GPU, bfloat16 on CPU)")
+    st.add_argument("--overwrite", action="store_true", help="redo finished results (never an input file)")
+    st.add_argument("--keep-ext", action="store_true", help="name folder results name.jpg.png")
+    st.add_argument("--max-pixels", type=_non_negative, default=imageio.DEFAULT_MAX_PIXELS, metavar="N",
+                    help="refuse larger inputs (0: no limit)")
+    st.set_defaults(func=cmd_stablesr)
+    i = sub.add_parser("info", help="describe a checkpoint (an upscaler, a StableSR module or VAE, an SD 2.x file)")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
     e = sub.add_parser("export", help="write a checkpoint's inference weights only (safetensors)")

@@ -219,7 +219,7 @@ def _check_no_links(root: Path, dst: Path) -> None:
 UpscaleFn = Callable[[Tensor, Task], tuple[Tensor, str]]
 
 
-def run_task(task: Task, upscale_fn: UpscaleFn, *, root: Path, scale: int, overwrite: bool,
+def run_task(task: Task, upscale_fn: UpscaleFn, *, root: Path, scale: float, overwrite: bool,
              max_pixels: int | None) -> Outcome:
     """Do one image: skip a finished result, refuse a foreign file, else read, upscale and write atomically.
 
@@ -230,7 +230,7 @@ def run_task(task: Task, upscale_fn: UpscaleFn, *, root: Path, scale: int, overw
         _check_no_links(root, task.dst)
         if task.dst.exists() and not overwrite:
             size = imageio.image_size(task.src)
-            expected = (size[0] * scale, size[1] * scale) if size else None
+            expected = (round(size[0] * scale), round(size[1] * scale)) if size else None
             if expected is not None and imageio.is_complete_image(task.dst, expected):
                 return Outcome(task, "skipped", "already done")
             what = f"a {expected[0]}x{expected[1]} image" if expected else "a readable image"
@@ -248,7 +248,7 @@ def run_task(task: Task, upscale_fn: UpscaleFn, *, root: Path, scale: int, overw
     return Outcome(task, "done", note)
 
 
-def run_job(plan: Plan, upscale_fn: UpscaleFn, *, scale: int, overwrite: bool = False,
+def run_job(plan: Plan, upscale_fn: UpscaleFn, *, scale: float, overwrite: bool = False,
             max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS,
             report: Callable[[Outcome], None] | None = None) -> Summary:
     """Run every task of a plan in order on this machine; ``report`` sees each outcome as it happens."""
