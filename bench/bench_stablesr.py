@@ -127,8 +127,8 @@ def cli(sd: str, module: str, size: int, threads: int, device: str) -> dict:
 
 
 def vae_worker(size: int, width: int, device: str, tiled: bool) -> dict:
-    from realsr_core.diffusion.tiled_vae import tiled_decode
     from realsr_core.models.stablesr.cfw import build_vae
+    from realsr_core.tiling import tiled_decode
 
     dev = torch.device(device)
     # The SD 2.1 VAE layout (kl-f8) at base width ``width`` (128 = the real one).

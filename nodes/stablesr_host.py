@@ -31,7 +31,7 @@ import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 from torch import Tensor, nn
 
-from ..realsr_core.diffusion import gaussian_weights, make_schedule, plan_latent_tiles
+from ..realsr_core.diffusion import make_schedule, plan_latent_tiles
 from ..realsr_core.diffusion.engine import (
     TILED_VAE_AUTO_PIXELS,
     VAE_DECODE_CONTEXT,
@@ -43,10 +43,17 @@ from ..realsr_core.diffusion.engine import (
     StableSROptions,
     run_stablesr,
 )
-from ..realsr_core.diffusion.tiled_vae import tiled_decode, tiled_encode
 from ..realsr_core.diffusion.ve import ddpm_ve_sigmas, lr_start_ve, sample_ddpm_ve
 from ..realsr_core.models.stablesr import StableSRModule, bind_sft_forward
 from ..realsr_core.models.stablesr.sd import check_module_fits
+from ..realsr_core.tiling import (
+    ProgressFn,
+    gaussian_weights,
+    tiled_decode,
+    tiled_encode,
+    tiled_vae_decode,
+    tiled_vae_encode,
+)
 from .host import RealSRModel, interrupt_check
 from .host import offload as host_offload
 
@@ -240,7 +247,7 @@ def use_tiled_vae(mode: str, vae, padded: Tensor) -> bool:
     return need > mm.get_free_memory(vae.device)
 
 
-def _tile_progress(total_hint: int = 1) -> Callable[[int, int], None]:
+def _tile_progress(total_hint: int = 1) -> ProgressFn:
     pbar = comfy.utils.ProgressBar(total_hint)
     return lambda done, total: pbar.update_absolute(done, total)
 
@@ -248,7 +255,7 @@ def _tile_progress(total_hint: int = 1) -> Callable[[int, int], None]:
 def encode(vae, padded: Tensor, tiled: bool = False) -> Tensor:
     """VAE encode of NCHW [0,1] pixels -> the unscaled latent (ComfyUI's LATENT convention).
 
-    ``tiled``: 512 px windows with shared GroupNorm statistics (:mod:`realsr_core.diffusion.tiled_vae`),
+    ``tiled``: 512 px windows with shared GroupNorm statistics (:mod:`realsr_core.tiling.vae`),
     so memory stays that of one window whatever the image size; otherwise ComfyUI's own whole-image encode.
     """
     if not tiled:
@@ -373,9 +380,9 @@ def _decode_cfw_tiled(cfw: RealSRModel, samples: Tensor, x: Tensor, weight: floa
         kw = dict(output_device=mm.intermediate_device(), progress=_tile_progress(), cancel=interrupt_check)
         feats = None
         if weight > 0:
-            feats = desc.encode_tiled(x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]
-        out = desc.decode_tiled(samples.float(), feats, weight, VAE_DECODE_TILE, VAE_DECODE_OVERLAP,
-                                context=VAE_DECODE_CONTEXT, **kw)
+            feats = tiled_vae_encode(desc, x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]
+        out = tiled_vae_decode(desc, samples.float(), feats, weight, VAE_DECODE_TILE, VAE_DECODE_OVERLAP,
+                               context=VAE_DECODE_CONTEXT, **kw)
     finally:
         host_offload(cfw.patcher)
     return (out.float() + 1) / 2

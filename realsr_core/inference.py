@@ -7,7 +7,6 @@ descriptor's ``prepare`` once per image, before tiling, and are reused for every
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -144,8 +143,8 @@ def upscale(
     dtype: torch.dtype | None = None,
     output_device: torch.device | str = "cpu",
     alpha: AlphaMode = "bicubic",
-    progress: Callable[[int, int], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: tiling.ProgressFn | None = None,
+    cancel: tiling.CancelFn | None = None,
     memory_budget: int | None = None,
     **options: Any,
 ) -> UpscaleResult:

@@ -24,7 +24,6 @@ from realsr_core.diffusion import (
     aggregate_tiles,
     canvas_denoiser,
     ddpm_step,
-    gaussian_weights,
     initial_latent,
     make_schedule,
     plan_latent_tiles,
@@ -36,6 +35,7 @@ from realsr_core.diffusion import (
 from realsr_core.errors import Cancelled, InvalidInputError
 from realsr_core.models.stablesr import load as load_sr_module
 from realsr_core.models.stablesr.unet import StableSRUNet, UNetConfig, infer_unet_config, load_unet
+from realsr_core.tiling import gaussian_weights
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "stablesr_sampling"
 META: dict[str, Any] = json.loads((FIX / "meta.json").read_text())

@@ -10,7 +10,7 @@
   chaotic (a 1/255 input change moves the latent by ~10 %), a damped one behaves more like a trained VAE.
   256x256 astronaut crop, 2x2 tiles (encode: 136 px tiles, 16 px overlap, 32 px context; decode: 16 latent px
   tiles with hard borders, 4 latent px context; CFW w = 0.5).  ``TILED_BOUNDS`` holds the asserted bounds
-  with the measured values; the module docstring of ``realsr_core.diffusion.tiled_vae`` has the full table.
+  with the measured values; the module docstring of ``realsr_core.tiling.vae`` has the full table.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from helpers import FIXTURES, fixture_meta, fixture_state_dict, load_png, make_w
 from torch import Tensor, nn
 
 from realsr_core import registry
-from realsr_core.diffusion.tiled_vae import SharedGroupNorm, tiled_decode, tiled_encode
 from realsr_core.errors import Cancelled, InvalidInputError, UnsupportedModelError
 from realsr_core.models.stablesr.cfw import (
     CFWAutoencoder,
@@ -41,6 +40,7 @@ from realsr_core.models.stablesr.cfw import (
     load_vae,
 )
 from realsr_core.models.stablesr.vae import AutoencoderKL, extract_vae_state_dict
+from realsr_core.tiling import SharedGroupNorm, tiled_decode, tiled_encode, tiled_vae_decode, tiled_vae_encode
 
 NAME = "stablesr_cfw"
 FIX = FIXTURES / NAME
@@ -387,7 +387,7 @@ def whole(small: AutoencoderKL, photo: Tensor) -> tuple[Tensor, Tensor, list[Ten
 ENC = {"tile": 136, "overlap": 16, "context": 32}
 DEC = {"tile": 16, "overlap": 0, "context": 4}
 W = 0.5
-# Asserted bounds; the measured values are in the report / module docstring of tiled_vae.
+# Asserted bounds; the measured values are in the report / module docstring of realsr_core.tiling.vae.
 TILED_BOUNDS = {
     # mean |tiled - whole| / mean |whole| of the posterior mean; measured 0.090 (per-tile GroupNorm: 0.270,
     # whole-image statistics with the same tiles: 0.067)
@@ -493,7 +493,7 @@ def test_single_window_is_exact_and_w0_needs_no_features(small: AutoencoderKL, w
     out = tiled_decode(lambda t: plain_decode(small, t), small.decoder, z, 16, 4, context=4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     desc = load_vae(small.state_dict())
-    torch.testing.assert_close(desc.decode_tiled(z, None, 0.0, tile=16), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiled_vae_decode(desc, z, None, 0.0, tile=16), ref, atol=1e-5, rtol=0)
 
 
 def test_oom_halves_the_tile(small: AutoencoderKL) -> None:
@@ -521,9 +521,9 @@ def test_oom_halves_the_tile(small: AutoencoderKL) -> None:
 def test_descriptor_tiled_methods(small: AutoencoderKL, photo: Tensor) -> None:
     desc = load_vae(small.state_dict())
     crop = photo[..., :96, :128]
-    mean, logvar, feats = desc.encode_tiled(crop, tile=64, overlap=0, context=16)
+    mean, logvar, feats = tiled_vae_encode(desc, crop, tile=64, overlap=0, context=16)
     assert mean.shape == (1, 4, 12, 16) and [tuple(f.shape) for f in feats] == [(1, 64, 48, 64), (1, 128, 24, 32)]
-    out = desc.decode_tiled(mean, feats, 0.5, tile=8, overlap=0, context=2)
+    out = tiled_vae_decode(desc, mean, feats, 0.5, tile=8, overlap=0, context=2)
     assert out.shape == (1, 3, 96, 128) and torch.isfinite(out).all()
     with pytest.raises(InvalidInputError, match="needs 2 encoder features"):
-        desc.decode_tiled(mean, None, 0.5)
+        tiled_vae_decode(desc, mean, None, 0.5)

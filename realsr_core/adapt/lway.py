@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..descriptor import ModelDescriptor
 from ..errors import Cancelled, InvalidInputError, RealSRError
 from ..models.lway.network import LWayReconstruction, bicubic_resize
+from ..tiling import CancelFn
 
 __all__ = [
     "FinetuneResult",
@@ -53,8 +54,8 @@ __all__ = [
     "self_supervised_loss",
 ]
 
-ProgressFn = Callable[[int, int, float], None]
-CancelFn = Callable[[], bool]
+#: ``progress(done, iterations, loss)`` after every fine-tuning iteration.
+LossProgressFn = Callable[[int, int, float], None]
 SRModel = Any  # nn.Module | ModelDescriptor | a spandrel ImageModelDescriptor (duck-typed: .model, .scale)
 
 
@@ -461,7 +462,7 @@ def finetune(
     params: str = "all",
     seed: int = 0,
     device: torch.device | str | None = None,
-    progress: ProgressFn | None = None,
+    progress: LossProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> FinetuneResult:
     """Adapt an SR model to the given LR image(s) by LWay's self-supervised loss.

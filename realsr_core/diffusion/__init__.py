@@ -1,14 +1,6 @@
 """Host-agnostic diffusion core: DDPM schedules, samplers and StableSR's tiled (canvas) sampling."""
 
-from .aggregation import (
-    GAUSSIAN_VARIANCE,
-    TileDenoiseFn,
-    TilePlan,
-    aggregate_tiles,
-    axis_starts,
-    gaussian_weights,
-    plan_latent_tiles,
-)
+from .aggregation import TileDenoiseFn, TilePlan, aggregate_tiles, plan_latent_tiles
 from .pipeline import EncoderFn, UNetFn, canvas_denoiser, stablesr_sample
 from .samplers import (
     DDPMStep,
@@ -41,7 +33,6 @@ from .schedule import (
 )
 
 __all__ = [
-    "GAUSSIAN_VARIANCE",
     "LINEAR_END",
     "LINEAR_START",
     "NUM_TRAIN_TIMESTEPS",
@@ -57,12 +48,10 @@ __all__ = [
     "TilePlan",
     "UNetFn",
     "aggregate_tiles",
-    "axis_starts",
     "canvas_denoiser",
     "ddim_step",
     "ddpm_step",
     "extract",
-    "gaussian_weights",
     "initial_latent",
     "make_schedule",
     "model_output_to_eps",

@@ -8,12 +8,12 @@ canvas at once.
 
 The tile geometry is the official one: along an axis of length ``L`` the tile count is the smallest
 ``n`` with ``(n - 1) * (tile - overlap) + tile >= L``, tile ``k`` starts at ``k * (tile - overlap)``
-and the last tile is anchored at ``L - tile``.  Tiles are visited x-outer / y-inner.
+and the last tile is anchored at ``L - tile``: the shared planner :func:`~realsr_core.tiling.plan_tiles`.
+Tiles are visited x-outer / y-inner; the weights are :func:`~realsr_core.tiling.gaussian_weights`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,48 +21,17 @@ import torch
 from torch import Tensor
 
 from ..errors import Cancelled, InvalidInputError
+from ..tiling import CancelFn, ProgressFn, gaussian_weights, plan_tiles
 
 __all__ = [
-    "GAUSSIAN_VARIANCE",
     "TileDenoiseFn",
     "TilePlan",
     "aggregate_tiles",
-    "axis_starts",
-    "gaussian_weights",
     "plan_latent_tiles",
 ]
 
 #: ``denoise_tile(x_tiles, lr_tiles, t) -> out_tiles`` on a batch of tiles, see :func:`aggregate_tiles`.
 TileDenoiseFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
-
-#: Variance of the tile weights in units of the tile size (sigma = 0.1 * tile).
-GAUSSIAN_VARIANCE: float = 0.01
-
-
-def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Official tile start offsets along one axis (requires ``tile <= length``).
-
-    Args:
-        length: axis length in latent pixels.
-        tile: tile size, ``1 <= tile <= length``.
-        overlap: requested overlap, ``0 <= overlap < tile`` (ignored when one tile covers the axis).
-
-    Returns:
-        start offsets in processing order; the last one is ``length - tile``.
-    """
-    if not 1 <= tile <= length:
-        raise InvalidInputError(f"tile {tile} must be in [1, {length}] (the axis length)")
-    if tile == length:
-        return [0]
-    if not 0 <= overlap < tile:
-        raise InvalidInputError(f"tile_overlap must be in [0, tile) = [0, {tile}), got {overlap}")
-    stride = tile - overlap
-    count = 1 + math.ceil((length - tile) / stride)
-    starts = [k * stride for k in range(count)]
-    starts[-1] = length - tile
-    return starts
 
 
 @dataclass(frozen=True)
@@ -123,35 +92,13 @@ def plan_latent_tiles(
                 f"latent {height}x{width} is smaller than the {th}x{tw} tile; use a larger image or a smaller tile"
             )
         th, tw = min(th, height), min(tw, width)
-    ys = axis_starts(height, th, tile_overlap)
-    xs = axis_starts(width, tw, tile_overlap)
+    for tile, length in ((th, height), (tw, width)):
+        if tile < length and tile_overlap >= tile:
+            raise InvalidInputError(f"tile_overlap must be in [0, tile) = [0, {tile}), got {tile_overlap}")
+    ys = plan_tiles(height, th, tile_overlap)
+    xs = plan_tiles(width, tw, tile_overlap)
     tiles = tuple((y, y + th, x, x + tw) for x in xs for y in ys)
     return TilePlan(height=height, width=width, tile_h=th, tile_w=tw, tiles=tiles)
-
-
-def _gaussian_1d(n: int, mid: float, var: float) -> Tensor:
-    i = torch.arange(n, dtype=torch.float64)
-    return torch.exp(-((i - mid) ** 2) / (n * n) / (2 * var)) / math.sqrt(2 * math.pi * var)
-
-
-def gaussian_weights(
-    tile_h: int, tile_w: int, var: float = GAUSSIAN_VARIANCE, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """Blending weights of one tile, ``w(y, x) = p_y(y) * p_x(x)``.
-
-    ``p(i) = exp(-(i - m)^2 / T^2 / (2 var)) / sqrt(2 pi var)``.  As in the official code (inherited from
-    Mixture of Diffusers) x is centred at ``(T_w - 1) / 2`` but y at ``T_h / 2``; the weights at a
-    tile edge are about 4e-6 of the centre value.
-
-    Args:
-        tile_h, tile_w: tile size.
-        var: variance relative to the tile size.
-        dtype: result dtype (float64 reference by default).
-
-    Returns:
-        (tile_h, tile_w) weights, row = y, column = x, all > 0.
-    """
-    return torch.outer(_gaussian_1d(tile_h, tile_h / 2, var), _gaussian_1d(tile_w, (tile_w - 1) / 2, var)).to(dtype)
 
 
 def aggregate_tiles(

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..colorfix import color_fix
 from ..errors import InvalidInputError
+from ..tiling import CancelFn, ProgressFn, tiled_vae_decode, tiled_vae_encode
 from .pipeline import EncoderFn, UNetFn, stablesr_sample
 from .samplers import Prediction
 from .schedule import make_schedule
@@ -36,8 +37,6 @@ __all__ = [
     "finish", "official_tiles", "prepare_image", "run_stablesr",
 ]
 
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 Start = Literal["lr_latent", "noise"]
 ColorFix = Literal["wavelet", "adain", "none"]
 TiledVAE = Literal["auto", "on", "off"]
@@ -211,7 +210,7 @@ class CoreVAE:
         vae = self.vae
         x = (padded * 2 - 1).to(vae.device, vae.dtype)  # type: ignore[attr-defined]
         if tiled:
-            return vae.encode_tiled(x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT,  # type: ignore[attr-defined]
+            return tiled_vae_encode(vae, x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT,  # type: ignore[arg-type]
                                     return_features=False, output_device=self.output_device,
                                     progress=self.progress, cancel=self.cancel)[0].float()
         return vae.encode(x, return_features=False)[0].float().to(self.output_device)  # type: ignore[attr-defined]
@@ -224,11 +223,11 @@ class CoreVAE:
         if w > 0:
             x = (padded * 2 - 1).to(dec.device, dec.dtype)  # type: ignore[attr-defined]
             if tiled:
-                feats = dec.encode_tiled(x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]  # type: ignore[attr-defined]
+                feats = tiled_vae_encode(dec, x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]  # type: ignore[arg-type]
             else:
                 feats = dec.encode(x, return_features=True)[2]  # type: ignore[attr-defined]
         if tiled:
-            out = dec.decode_tiled(latent.float(), feats, w, VAE_DECODE_TILE, VAE_DECODE_OVERLAP,  # type: ignore[attr-defined]
+            out = tiled_vae_decode(dec, latent.float(), feats, w, VAE_DECODE_TILE, VAE_DECODE_OVERLAP,  # type: ignore[arg-type]
                                    context=VAE_DECODE_CONTEXT, **kw)
         else:
             out = dec.decode(latent.to(dec.device, dec.dtype), feats, w).to(self.output_device)  # type: ignore[attr-defined]

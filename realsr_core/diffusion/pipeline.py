@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
+from ..tiling import CancelFn, ProgressFn
 from .aggregation import aggregate_tiles, plan_latent_tiles
 from .samplers import (
     ModelFn,
@@ -40,8 +41,6 @@ __all__ = ["EncoderFn", "UNetFn", "canvas_denoiser", "stablesr_sample"]
 UNetFn = Callable[..., Tensor]
 #: ``encoder(lr_latent (N,4,h,w), t_original (N,)) -> {str(width): (N,C,h_i,w_i)}``.
 EncoderFn = Callable[[Tensor, Tensor], Mapping[Any, Tensor]]
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 
 def canvas_denoiser(

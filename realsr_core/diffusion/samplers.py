@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import Cancelled, InvalidInputError
+from ..tiling import CancelFn, ProgressFn
 from .schedule import DDPMSchedule, extract, predict_x0_from_eps, predict_x0_from_v, q_posterior, q_sample
 
 __all__ = [
@@ -42,8 +43,6 @@ __all__ = [
 ModelFn = Callable[..., Tensor]
 #: ``callback(step_index, x0_pred)`` after each step; ``step_index`` counts executed steps from 0.
 StepCallback = Callable[[int, Tensor], None]
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 Prediction = Literal["eps", "v"]
 SamplerName = Literal["ddpm", "ddim"]
 Noises = Tensor | Sequence[Tensor]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import Cancelled, InvalidInputError
+from ..tiling import CancelFn
 from .schedule import DDPMSchedule, make_schedule
 
 __all__ = [
@@ -147,7 +148,7 @@ def sample_ddpm_ve(
     disable: bool | None = None,
     generator: torch.Generator | None = None,
     noises: Tensor | Sequence[Tensor] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: CancelFn | None = None,
 ) -> Tensor:
     """The official respaced ancestral DDPM as a k-diffusion-style sampler function.
 

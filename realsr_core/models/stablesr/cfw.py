@@ -15,15 +15,15 @@ Files: ``vqgan_cfw_00011.ckpt`` (Lightning ``{'state_dict': ...}`` with ``encode
 including ``decoder.fusion_layer_{1,2}.*``, ``quant_conv.*``, ``post_quant_conv.*``; training ``loss.*``
 keys are ignored) is architecture ``"stablesr_cfw"``.  A plain SD VAE (a VAE file with bare keys, or the
 ``first_stage_model.*`` part of an SD checkpoint passed as a state dict) is ``"sd_vae"``.  Both are
-``purpose="Module"``: they serve the StableSR pipeline (``encode`` / ``decode`` and the tiled variants),
-not the image-to-image ``forward``.
+``purpose="Module"``: they serve the StableSR pipeline (``encode`` / ``decode``; window by window through
+:func:`realsr_core.tiling.tiled_vae_encode` / :func:`~realsr_core.tiling.tiled_vae_decode`), not the
+image-to-image ``forward``.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -259,10 +259,6 @@ def build_vae(config: Mapping[str, Any]) -> AutoencoderKL:
 
 # ---------------------------------------------------------------------------- descriptor
 
-TileProgress = Callable[[int, int], None]
-TileCancel = Callable[[], bool]
-
-
 class VAEDescriptor(ModelDescriptor):
     """An SD VAE (optionally with StableSR's CFW decoder) for the StableSR pipeline.
 
@@ -304,7 +300,7 @@ class VAEDescriptor(ModelDescriptor):
             ``(mean, logvar)`` (B, 4, H/8, W/8) each, plus the feature list with ``return_features``
             ([(B, 256, H/2, W/2), (B, 512, H/4, W/4)] for StableSR's VAE; empty for a plain SD VAE).
         """
-        check_image(image, self.in_channels, self.downscale)
+        self.check_encode(image)
         return self.model.encode(image, return_features=return_features)
 
     @torch.no_grad()
@@ -320,134 +316,26 @@ class VAEDescriptor(ModelDescriptor):
         Returns:
             (B, 3, 8h, 8w) in [-1, 1] nominal, not clamped.
         """
-        w = self._check_w(w)
-        check_image(latent, self.model.config["embed_dim"], 1, "latent")
+        w = self.check_decode(latent, features, w)
         if isinstance(self.model, CFWAutoencoder):
             return self.model.decode(latent, features, w)
         return self.model.decode(latent)
 
-    def encode_tiled(
-        self,
-        image: Tensor,
-        tile: int = 512,
-        overlap: int = 64,
-        *,
-        context: int = 64,
-        return_features: bool = True,
-        stats: str = "downscale",
-        stats_size: int | None = None,
-        output_device: torch.device | str = "cpu",
-        progress: TileProgress | None = None,
-        cancel: TileCancel | None = None,
-    ) -> tuple[Tensor, ...]:
-        """Like :meth:`encode`, tile by tile with shared GroupNorm statistics (see :mod:`...diffusion.tiled_vae`).
-
-        Args:
-            image: (B, 3, H, W) in [-1, 1], H and W multiples of 8, on any device (tiles are moved to the
-                model's device).
-            tile, overlap, context: tile size, blended overlap and discarded context margin, in image pixels
-                (rounded down to multiples of 8).
-            return_features: also return the CFW features (assembled on ``output_device`` too).
-            stats, stats_size, output_device, progress, cancel: see :func:`~realsr_core.diffusion.tiled_vae.tiled_encode`
-                (``stats_size`` in latent pixels).
-
-        Returns:
-            as :meth:`encode`, assembled on ``output_device`` in ``image``'s dtype.
-        """
-        from ...diffusion.tiled_vae import tiled_encode
-
+    def check_encode(self, image: Tensor) -> None:
+        """Refuse an image :meth:`encode` cannot take (also checked before a tiled encode starts)."""
         check_image(image, self.in_channels, self.downscale)
-        model = self.model
 
-        def fn(x: Tensor) -> list[Tensor]:
-            mean, logvar, *rest = model.encode(x, return_features=return_features)
-            return [mean, logvar, *(rest[0] if rest else [])]
-
-        with torch.no_grad():
-            outs = tiled_encode(
-                fn,
-                model.encoder,
-                image.to(self.dtype),
-                tile,
-                overlap,
-                context=context,
-                downscale=self.downscale,
-                stats=stats,
-                stats_size=stats_size,
-                device=self.device,
-                output_device=output_device,
-                out_dtype=image.dtype,
-                progress=progress,
-                cancel=cancel,
-            )
-        assert isinstance(outs, list)
-        return (outs[0], outs[1], outs[2:]) if return_features else (outs[0], outs[1])
-
-    def decode_tiled(
-        self,
-        latent: Tensor,
-        features: Sequence[Tensor] | None = None,
-        w: float | None = None,
-        tile: int = 64,
-        overlap: int = 8,
-        *,
-        context: int = 8,
-        stats: str = "downscale",
-        stats_size: int | None = None,
-        output_device: torch.device | str = "cpu",
-        progress: TileProgress | None = None,
-        cancel: TileCancel | None = None,
-    ) -> Tensor:
-        """Like :meth:`decode`, tile by tile with shared GroupNorm statistics; features are cropped per tile.
-
-        Args:
-            latent: (B, 4, h, w) unscaled, on any device.
-            features: the LR image's encoder features at their own resolutions (any device; each tile's crop
-                is moved to the model's device).  Ignored when ``w == 0``.
-            w: CFW fidelity weight in [0, 1] (default as in :meth:`decode`).
-            tile, overlap, context: in latent pixels.
-            stats, stats_size, output_device, progress, cancel: see
-                :func:`~realsr_core.diffusion.tiled_vae.tiled_decode`.
+    def check_decode(self, latent: Tensor, features: Sequence[Tensor] | None = None, w: float | None = None) -> float:
+        """Refuse what :meth:`decode` cannot take (also checked before a tiled decode starts).
 
         Returns:
-            (B, 3, 8h, 8w) on ``output_device`` in ``latent``'s dtype.
+            the fidelity weight ``w`` stands for (its default resolved).
         """
-        from ...diffusion.tiled_vae import tiled_decode
-
         w = self._check_w(w)
         check_image(latent, self.model.config["embed_dim"], 1, "latent")
-        model = self.model
-        use_features = isinstance(model, CFWAutoencoder) and w > 0.0
-        if use_features:
-            assert isinstance(model, CFWAutoencoder)
-            model.decoder._check_features(latent, features)  # clear error before any work
-
-            def fn_cfw(z: Tensor, feats: list[Tensor]) -> Tensor:
-                assert isinstance(model, CFWAutoencoder)
-                return model.decode(z, feats, w)
-
-            decoder_fn: Callable[..., Tensor] = fn_cfw
-        elif isinstance(model, CFWAutoencoder):
-            decoder_fn = partial(model.decode, features=None, w=0.0)
-        else:
-            decoder_fn = model.decode
-        with torch.no_grad():
-            return tiled_decode(
-                decoder_fn,
-                model.decoder,
-                latent.to(self.dtype),
-                tile,
-                overlap,
-                context=context,
-                features=list(features) if use_features and features is not None else None,
-                stats=stats,
-                stats_size=stats_size,
-                device=self.device,
-                output_device=output_device,
-                out_dtype=latent.dtype,
-                progress=progress,
-                cancel=cancel,
-            )
+        if w > 0.0 and isinstance(self.model, CFWAutoencoder):
+            self.model.decoder._check_features(latent, features)
+        return w
 
     def _check_w(self, w: float | None) -> float:
         if w is None:

@@ -5,7 +5,7 @@ A VAE run tile by tile differs from the whole-image run in two ways:
 * **Receptive field.**  Convolutions near a tile border see zero padding instead of the neighbouring
   pixels (and the mid-block attention sees only the tile).  Each tile is therefore run on a larger
   *window* (``context`` extra cells per side, thrown away afterwards), and neighbouring tiles overlap by
-  ``overlap`` cells that are blended with a linear feather ramp (:func:`realsr_core.tiling.feather_weight`).
+  ``overlap`` cells that are blended with a linear feather ramp (:func:`.plan.feather_weight`).
 * **GroupNorm.**  Every GroupNorm normalises with the mean / variance of the *whole* feature map.  Per-tile
   statistics make each tile's tone and contrast drift (dark tiles get brightened, flat tiles get their noise
   amplified) and show as a patchwork.  Here every GroupNorm layer instead uses one set of statistics for
@@ -56,42 +56,41 @@ context, 64 latent px decode tiles + 8) a 2048 px image is measured at ~1/3 scal
 Memory: only one window lives on the compute device at a time; outputs are accumulated on
 ``output_device`` (CPU by default) in float32.  Inputs (image, latent, CFW features) may stay on the CPU:
 each window is cropped there and moved.  On an out-of-memory error the pass restarts with half the tile
-size (down to ``min_tile``).  Note the size of StableSR's CFW features when a tiled encode assembles them:
+size (down to ``min_tile``; :func:`.memory.run_with_backoff`).  Note the size of StableSR's CFW features when a tiled encode assembles them:
 96 values per image pixel (256 channels at 1/2, 512 at 1/4 resolution), i.e. 1.6 GB in float32 for a
 2048x2048 image and 6.4 GB for 4096x4096 (half that in the float16 ``out_dtype``).
 """
 
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import Cancelled, InvalidInputError
-from ..tiling import feather_weight, is_oom_error, plan_tiles, tile_weight
+from .memory import guard_oom, run_with_backoff
+from .plan import check_ints, plan_axis, tile_weight
+from .types import CancelFn, ProgressFn
 
 __all__ = [
     "SharedGroupNorm",
     "StatsMode",
     "tiled_decode",
     "tiled_encode",
+    "tiled_vae_decode",
+    "tiled_vae_encode",
 ]
 
 StatsMode = Literal["downscale", "none"]
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 _STATS_MODES: tuple[str, ...] = ("downscale", "none")
 # Float32 elements (64 MiB) converted at a time when downscaling the inputs for the statistics pass.
 _CHUNK_ELEMENTS = 1 << 24
-# torch.OutOfMemoryError appeared in torch 2.5; older releases only have the CUDA alias.
-_OOM_ERROR: type[RuntimeError] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 # ---------------------------------------------------------------------------- GroupNorm override
@@ -287,37 +286,9 @@ def _group_var_mean(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     return torch.var_mean(xs if xs.dtype == torch.float64 else xs.float(), dim=-1, correction=0)
 
 
-# ---------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class _Axis:
-    """Tiles along one axis, in grid cells (latent pixels)."""
-
-    tile: int  # kept size
-    window: int  # size given to the network
-    starts: list[int]  # kept starts
-    window_starts: list[int]
-    ramp: int  # feather ramp, in cells
-
-
-def _plan_axis(length: int, tile: int, overlap: int, context: int) -> _Axis:
-    tile = min(tile, length)
-    overlap = min(overlap, tile // 2)
-    starts = plan_tiles(length, tile, overlap)
-    window = min(length, tile + 2 * context)
-    # Windows at the border shift inwards (not shrink): equal sizes, and the kept part keeps its context.
-    window_starts = [min(max(s - context, 0), length - window) for s in starts]
-    return _Axis(tile, window, starts, window_starts, overlap)
-
-
 # ---------------------------------------------------------------------------- runner
 
 _Input = tuple[Tensor, int]  # (tensor, pixels per grid cell)
-
-
-class _OutOfMemory(Exception):
-    """Internal signal: the current tile size ran out of memory."""
 
 
 def _as_list(y: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -368,44 +339,37 @@ def _factors(outs: list[Tensor], win_h: int, win_w: int, batch: int) -> list[int
     return factors
 
 
-def _run_pass(
-    fn: Callable[[list[Tensor]], list[Tensor]],
-    inputs: Sequence[_Input],
-    grid: tuple[int, int],
-    *,
-    tile: int,
-    overlap: int,
-    context: int,
-    stats: str,
-    stats_size: int | None,
-    match_moments: bool,
-    modules: nn.Module | Iterable[nn.Module],
-    device: torch.device,
-    output_device: torch.device,
-    progress: ProgressFn | None,
-    cancel: CancelFn | None,
-) -> list[Tensor]:
-    height, width = grid
-    batch = inputs[0][0].shape[0]
-    ay, ax = _plan_axis(height, tile, overlap, context), _plan_axis(width, tile, overlap, context)
-    jobs = [(iy, ix) for iy in range(len(ay.starts)) for ix in range(len(ax.starts))]
+@dataclass(frozen=True)
+class _Job:
+    """One tiled run: everything a pass needs but the tile size (sizes in grid cells)."""
 
-    def call(windows: list[Tensor]) -> list[Tensor]:
-        message: str | None = None
-        try:
-            return fn(windows)
-        except Exception as exc:
-            if not is_oom_error(exc):
-                raise
-            message = f"{type(exc).__name__}: {exc}"
-        # Raised outside the handler and unchained, so the failed call's frames and tensors can be freed.
-        del windows
-        raise _OutOfMemory(message)
+    fn: Callable[[list[Tensor]], list[Tensor]]
+    inputs: Sequence[_Input]
+    grid: tuple[int, int]
+    overlap: int
+    context: int
+    stats: str
+    stats_size: int | None
+    match_moments: bool
+    modules: nn.Module | Iterable[nn.Module]
+    device: torch.device
+    output_device: torch.device
+    progress: ProgressFn | None
+    cancel: CancelFn | None
+
+
+def _run_pass(job: _Job, tile: int) -> list[Tensor]:
+    fn, inputs, device, output_device = job.fn, job.inputs, job.device, job.output_device
+    stats, progress, cancel = job.stats, job.progress, job.cancel
+    height, width = job.grid
+    batch = inputs[0][0].shape[0]
+    ay, ax = plan_axis(height, tile, job.overlap, job.context), plan_axis(width, tile, job.overlap, job.context)
+    jobs = [(iy, ix) for iy in range(len(ay.starts)) for ix in range(len(ax.starts))]
 
     if len(jobs) == 1:  # the whole input is one window: exact, nothing to share
         if cancel is not None and cancel():
             raise Cancelled("tiled VAE cancelled before its only tile")
-        outs = [y.to(output_device) for y in call(_crop(inputs, 0, height, 0, width, device))]
+        outs = [y.to(output_device) for y in guard_oom(fn, _crop(inputs, 0, height, 0, width, device))]
         if progress is not None:
             progress(1, 1)
         return outs
@@ -428,17 +392,17 @@ def _run_pass(
         y0, x0 = ay.window_starts[iy], ax.window_starts[ix]
         return y0, y0 + ay.window, x0, x0 + ax.window
 
-    with SharedGroupNorm(modules if stats != "none" else []) as gn:
+    with SharedGroupNorm(job.modules if stats != "none" else []) as gn:
         if stats == "downscale":
             check_cancel()
             gn.record()
             # The largest copy with the input's aspect ratio whose longer side is at most stats_size cells
             # (default: fits one window, so this call needs no more memory than a tile).
-            limit_h, limit_w = (ay.window, ax.window) if stats_size is None else (stats_size, stats_size)
+            limit_h, limit_w = (ay.window, ax.window) if job.stats_size is None else (job.stats_size, job.stats_size)
             s = min(1.0, limit_h / height, limit_w / width)
             sh, sw = max(1, math.floor(height * s)), max(1, math.floor(width * s))
-            small = [_downscale_copy(t, (sh * f, sw * f), match_moments).to(device) for t, f in inputs]
-            call(small)
+            small = [_downscale_copy(t, (sh * f, sw * f), job.match_moments).to(device) for t, f in inputs]
+            guard_oom(fn, small)
             del small
             gn.freeze()
             tick()
@@ -450,7 +414,7 @@ def _run_pass(
             check_cancel()
             gn.begin_call()
             y0, y1, x0, x1 = window(iy, ix)
-            ys = call(_crop(inputs, y0, y1, x0, x1, device))
+            ys = guard_oom(fn, _crop(inputs, y0, y1, x0, x1, device))
             if not outs:
                 factors = _factors(ys, ay.window, ax.window, batch)
                 outs = [
@@ -463,9 +427,7 @@ def _run_pass(
                 ky, kx = (ay.starts[iy] - y0) * f, (ax.starts[ix] - x0) * f
                 th, tw = ay.tile * f, ax.tile * f
                 kept = y[:, :, ky : ky + th, kx : kx + tw].to(device=output_device, dtype=torch.float32)
-                wy = feather_weight(th, ay.ramp * f, ramp_start=iy > 0, ramp_end=iy < len(ay.starts) - 1)
-                wx = feather_weight(tw, ax.ramp * f, ramp_start=ix > 0, ramp_end=ix < len(ax.starts) - 1)
-                w = tile_weight(wy, wx).to(output_device)
+                w = tile_weight(ay.weight(iy, f), ax.weight(ix, f)).to(output_device)
                 oy, ox = ay.starts[iy] * f, ax.starts[ix] * f
                 outs[j][:, :, oy : oy + th, ox : ox + tw].addcmul_(kept, w)
                 if f not in wsums:
@@ -477,74 +439,30 @@ def _run_pass(
     return [o.div_(wsums[f]) for o, f in zip(outs, factors, strict=True)]
 
 
-def _run(
-    fn: Callable[[list[Tensor]], list[Tensor]],
-    inputs: Sequence[_Input],
-    grid: tuple[int, int],
-    *,
-    tile: int,
-    overlap: int,
-    context: int,
-    stats: str,
-    stats_size: int | None,
-    match_moments: bool,
-    modules: nn.Module | Iterable[nn.Module],
-    device: torch.device,
-    output_device: torch.device,
-    out_dtype: torch.dtype,
-    progress: ProgressFn | None,
-    cancel: CancelFn | None,
-    min_tile: int,
-) -> list[Tensor]:
+def _run(job: _Job, *, tile: int, min_tile: int, out_dtype: torch.dtype) -> list[Tensor]:
     """Run passes, halving the tile on out-of-memory errors."""
-    for name, value, low in (
-        ("tile", tile, 1),
-        ("overlap", overlap, 0),
-        ("context", context, 0),
-        ("min_tile", min_tile, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidInputError(f"{name} must be an integer >= {low} (in grid cells), got {value!r}")
-    if stats not in _STATS_MODES:
-        raise InvalidInputError(f"stats must be one of {_STATS_MODES}, got {stats!r}")
-    if stats_size is not None and (isinstance(stats_size, bool) or not isinstance(stats_size, int) or stats_size < 1):
-        raise InvalidInputError(f"stats_size must be None or an integer >= 1 (grid cells), got {stats_size!r}")
+    check_ints(
+        ("tile", tile, 1), ("overlap", job.overlap, 0), ("context", job.context, 0), ("min_tile", min_tile, 1),
+        unit=" (in grid cells)",
+    )
+    if job.stats not in _STATS_MODES:
+        raise InvalidInputError(f"stats must be one of {_STATS_MODES}, got {job.stats!r}")
+    size = job.stats_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise InvalidInputError(f"stats_size must be None or an integer >= 1 (grid cells), got {size!r}")
+
+    def run_pass(tile_cells: int) -> list[Tensor]:
+        return [o.to(out_dtype) for o in _run_pass(job, tile_cells)]
+
+    def describe(current: int) -> str:
+        return (
+            f"tiled VAE out of memory with {current}-cell tiles (+{job.context} context per side) on {job.device}, "
+            f"and the tile cannot go below min_tile={min_tile}; free memory or use a lower precision."
+        )
+
     with torch.no_grad():
-        while True:
-            oom: str | None = None
-            try:
-                outs = _run_pass(
-                    fn,
-                    inputs,
-                    grid,
-                    tile=tile,
-                    overlap=overlap,
-                    context=context,
-                    stats=stats,
-                    stats_size=stats_size,
-                    match_moments=match_moments,
-                    modules=modules,
-                    device=device,
-                    output_device=output_device,
-                    progress=progress,
-                    cancel=cancel,
-                )
-                return [o.to(out_dtype) for o in outs]
-            except _OutOfMemory as exc:
-                oom = str(exc)
-            # Outside the handler, so the failed pass's frames (and tensors) are already released.
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            current = min(tile, max(grid))
-            smaller = max(current // 2, min_tile)
-            if smaller >= current:
-                raise _OOM_ERROR(
-                    f"tiled VAE out of memory with {current}-cell tiles (+{context} context per side) on {device}, and "
-                    f"the tile cannot go below min_tile={min_tile}; free memory or use a lower precision. "
-                    f"Original error: {oom}"
-                )
-            tile = smaller
+        return run_with_backoff(run_pass, tile, length=max(job.grid), floor=min_tile, device=job.device,
+                                describe=describe)
 
 
 def _check_tensor(x: Tensor, what: str) -> None:
@@ -612,8 +530,7 @@ def tiled_encode(
         ``output_device``.
     """
     _check_tensor(image, "image")
-    if isinstance(downscale, bool) or not isinstance(downscale, int) or downscale < 1:
-        raise InvalidInputError(f"downscale must be an integer >= 1, got {downscale!r}")
+    check_ints(("downscale", downscale, 1))
     h, w = image.shape[-2:]
     if h % downscale or w % downscale:
         raise InvalidInputError(f"image height and width must be multiples of {downscale}, got {h}x{w} (pad it first)")
@@ -628,11 +545,10 @@ def tiled_encode(
         single = isinstance(y, Tensor)
         return _as_list(y)
 
-    outs = _run(
+    job = _Job(
         fn,
         [(image, downscale)],
         (h // downscale, w // downscale),
-        tile=max(1, tile // downscale),
         overlap=overlap // downscale,
         context=context // downscale,
         stats=stats,
@@ -641,11 +557,11 @@ def tiled_encode(
         modules=modules,
         device=_device(device, image),
         output_device=torch.device(output_device),
-        out_dtype=out_dtype or image.dtype,
         progress=progress,
         cancel=cancel,
-        min_tile=max(1, min_tile // downscale),
     )
+    outs = _run(job, tile=max(1, tile // downscale), min_tile=max(1, min_tile // downscale),
+                out_dtype=out_dtype or image.dtype)
     return outs[0] if single else outs
 
 
@@ -706,11 +622,10 @@ def tiled_decode(
             raise InvalidInputError(f"decoder_fn must return a tensor, got {type(y).__name__}")
         return [y]
 
-    return _run(
+    job = _Job(
         fn,
         inputs,
         (h, w),
-        tile=tile,
         overlap=overlap,
         context=context,
         stats=stats,
@@ -719,8 +634,144 @@ def tiled_decode(
         modules=modules,
         device=_device(device, latent),
         output_device=torch.device(output_device),
-        out_dtype=out_dtype or latent.dtype,
         progress=progress,
         cancel=cancel,
-        min_tile=min_tile,
-    )[0]
+    )
+    return _run(job, tile=tile, min_tile=min_tile, out_dtype=out_dtype or latent.dtype)[0]
+
+
+# ---------------------------------------------------------------------------- VAE descriptors
+
+
+class VAEModel(Protocol):
+    """What :func:`tiled_vae_encode` / :func:`tiled_vae_decode` use of a VAE descriptor
+    (:class:`~realsr_core.models.stablesr.cfw.VAEDescriptor`: an SD VAE, optionally with StableSR's CFW decoder).
+    """
+
+    model: Any  # the autoencoder: its ``encoder`` / ``decoder`` modules hold the GroupNorm layers
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def downscale(self) -> int: ...
+
+    def check_encode(self, image: Tensor) -> None: ...
+
+    def check_decode(self, latent: Tensor, features: Sequence[Tensor] | None = None, w: float | None = None) -> float: ...
+
+    def encode(self, image: Tensor, return_features: bool = True) -> tuple[Tensor, ...]: ...
+
+    def decode(self, latent: Tensor, features: Sequence[Tensor] | None = None, w: float | None = None) -> Tensor: ...
+
+
+def tiled_vae_encode(
+    vae: VAEModel,
+    image: Tensor,
+    tile: int = 512,
+    overlap: int = 64,
+    *,
+    context: int = 64,
+    return_features: bool = True,
+    stats: StatsMode = "downscale",
+    stats_size: int | None = None,
+    output_device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> tuple[Tensor, ...]:
+    """``vae.encode`` tile by tile with shared GroupNorm statistics.
+
+    Args:
+        vae: the VAE descriptor.
+        image: (B, 3, H, W) in [-1, 1], H and W multiples of 8, on any device (tiles are moved to the
+            model's device).
+        tile, overlap, context: tile size, blended overlap and discarded context margin, in image pixels
+            (rounded down to multiples of 8).
+        return_features: also return the CFW features (assembled on ``output_device`` too).
+        stats, stats_size, output_device, progress, cancel: see :func:`tiled_encode` (``stats_size`` in latent
+            pixels).
+
+    Returns:
+        as ``vae.encode``: ``(mean, logvar)`` plus, with ``return_features``, the feature list; assembled on
+        ``output_device`` in ``image``'s dtype.
+    """
+    vae.check_encode(image)
+
+    def fn(x: Tensor) -> list[Tensor]:
+        mean, logvar, *rest = vae.encode(x, return_features=return_features)
+        return [mean, logvar, *(rest[0] if rest else [])]
+
+    outs = tiled_encode(
+        fn,
+        vae.model.encoder,
+        image.to(vae.dtype),
+        tile,
+        overlap,
+        context=context,
+        downscale=vae.downscale,
+        stats=stats,
+        stats_size=stats_size,
+        device=vae.device,
+        output_device=output_device,
+        out_dtype=image.dtype,
+        progress=progress,
+        cancel=cancel,
+    )
+    assert isinstance(outs, list)
+    return (outs[0], outs[1], outs[2:]) if return_features else (outs[0], outs[1])
+
+
+def tiled_vae_decode(
+    vae: VAEModel,
+    latent: Tensor,
+    features: Sequence[Tensor] | None = None,
+    w: float | None = None,
+    tile: int = 64,
+    overlap: int = 8,
+    *,
+    context: int = 8,
+    stats: StatsMode = "downscale",
+    stats_size: int | None = None,
+    output_device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Tensor:
+    """``vae.decode`` tile by tile with shared GroupNorm statistics; the CFW features are cropped per tile.
+
+    Args:
+        vae: the VAE descriptor.
+        latent: (B, 4, h, w) unscaled, on any device.
+        features: the LR image's encoder features at their own resolutions (any device; each tile's crop
+            is moved to the model's device).  Ignored when ``w == 0``.
+        w: CFW fidelity weight in [0, 1] (default as in ``vae.decode``).
+        tile, overlap, context: in latent pixels.
+        stats, stats_size, output_device, progress, cancel: see :func:`tiled_decode`.
+
+    Returns:
+        (B, 3, 8h, 8w) on ``output_device`` in ``latent``'s dtype.
+    """
+    weight = vae.check_decode(latent, features, w)  # clear errors before any work
+    use_features = weight > 0.0  # only a CFW VAE accepts w > 0
+
+    def decoder_fn(z: Tensor, feats: Sequence[Tensor] | None = None) -> Tensor:
+        return vae.decode(z, feats, weight)
+
+    return tiled_decode(
+        decoder_fn,
+        vae.model.decoder,
+        latent.to(vae.dtype),
+        tile,
+        overlap,
+        context=context,
+        features=list(features) if use_features and features is not None else None,
+        stats=stats,
+        stats_size=stats_size,
+        device=vae.device,
+        output_device=output_device,
+        out_dtype=latent.dtype,
+        progress=progress,
+        cancel=cancel,
+    )
