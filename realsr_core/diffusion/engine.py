@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..colorfix import color_fix
 from ..errors import InvalidInputError
+from ..models.stablesr.cfw import VAEDescriptor
 from ..tiling import CancelFn, ProgressFn, tiled_vae_decode, tiled_vae_encode
 from .pipeline import EncoderFn, UNetFn, stablesr_sample
 from .samplers import Prediction
@@ -195,7 +196,7 @@ class CoreVAE:
     [0, 1] before the colour fix, as ComfyUI's VAE does.
     """
 
-    def __init__(self, vae: object, cfw: object | None = None, *, output_device: torch.device | str = "cpu",
+    def __init__(self, vae: VAEDescriptor, cfw: VAEDescriptor | None = None, *, output_device: torch.device | str = "cpu",
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> None:
         self.vae, self.cfw = vae, cfw
         self.output_device = torch.device(output_device)
@@ -208,12 +209,12 @@ class CoreVAE:
 
     def encode(self, padded: Tensor, tiled: bool) -> Tensor:
         vae = self.vae
-        x = (padded * 2 - 1).to(vae.device, vae.dtype)  # type: ignore[attr-defined]
+        x = (padded * 2 - 1).to(vae.device, vae.dtype)
         if tiled:
-            return tiled_vae_encode(vae, x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT,  # type: ignore[arg-type]
+            return tiled_vae_encode(vae, x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT,
                                     return_features=False, output_device=self.output_device,
                                     progress=self.progress, cancel=self.cancel)[0].float()
-        return vae.encode(x, return_features=False)[0].float().to(self.output_device)  # type: ignore[attr-defined]
+        return vae.encode(x, return_features=False)[0].float().to(self.output_device)
 
     def decode(self, latent: Tensor, padded: Tensor, cfw_weight: float, tiled: bool) -> Tensor:
         dec = self.cfw if self.cfw is not None else self.vae
@@ -221,16 +222,16 @@ class CoreVAE:
         feats: Sequence[Tensor] | None = None
         kw = {"output_device": self.output_device, "progress": self.progress, "cancel": self.cancel}
         if w > 0:
-            x = (padded * 2 - 1).to(dec.device, dec.dtype)  # type: ignore[attr-defined]
+            x = (padded * 2 - 1).to(dec.device, dec.dtype)
             if tiled:
-                feats = tiled_vae_encode(dec, x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]  # type: ignore[arg-type]
+                feats = tiled_vae_encode(dec, x, VAE_ENCODE_TILE, VAE_ENCODE_OVERLAP, context=VAE_ENCODE_CONTEXT, **kw)[2]
             else:
-                feats = dec.encode(x, return_features=True)[2]  # type: ignore[attr-defined]
+                feats = dec.encode(x, return_features=True)[2]
         if tiled:
-            out = tiled_vae_decode(dec, latent.float(), feats, w, VAE_DECODE_TILE, VAE_DECODE_OVERLAP,  # type: ignore[arg-type]
+            out = tiled_vae_decode(dec, latent.float(), feats, w, VAE_DECODE_TILE, VAE_DECODE_OVERLAP,
                                    context=VAE_DECODE_CONTEXT, **kw)
         else:
-            out = dec.decode(latent.to(dec.device, dec.dtype), feats, w).to(self.output_device)  # type: ignore[attr-defined]
+            out = dec.decode(latent.to(dec.device, dec.dtype), feats, w).to(self.output_device)
         img = (out.float() + 1) / 2
         # The SD VAE's image is clamped as ComfyUI's VAE clamps its decode, so both front-ends colour-fix the same
         # image (the official script colour-fixes before clamping; a trained VAE decodes within range almost
