@@ -102,11 +102,10 @@ def _model_options(desc: ModelDescriptor, args: argparse.Namespace) -> dict[str,
     return {k: v for k, v in given.items() if k in desc.option_names()}
 
 
-def _report(outcome: jobs.Outcome, shape: dict[str, str]) -> None:
+def _report(outcome: jobs.Outcome) -> None:
     t = outcome.task
     if outcome.status == "done":
-        print(f"{t.src} -> {t.dst} ({shape.get(t.rel, '')}){' ' + outcome.reason if outcome.reason else ''}",
-              file=sys.stderr)
+        print(f"{t.src} -> {t.dst} {outcome.reason}", file=sys.stderr)
     elif outcome.status == "skipped":
         print(f"{t.src}: skipped, {t.dst} is already done (--overwrite redoes it)", file=sys.stderr)
     else:
@@ -122,7 +121,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     desc.to(dtype=compute_dtype(desc, device, torch.float16 if args.half else None))
     options = _model_options(desc, args)
     print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {device} ({str(desc.dtype)[6:]})", file=sys.stderr)
-    shapes: dict[str, str] = {}
 
     def run(image: torch.Tensor, task: jobs.Task) -> tuple[torch.Tensor, str]:
         bar = ProgressBar(task.rel)
@@ -131,15 +129,17 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                              progress=bar, memory_budget=args.memory_budget, **options)
         finally:
             bar.close()
-        shapes[task.rel] = f"{result.image.shape[-1]}x{result.image.shape[-2]}"
         info = {k: v.flatten().tolist() for k, v in result.context[0].items() if isinstance(v, torch.Tensor)}
-        return result.image, json.dumps(info) if info else ""
+        return result.image, _size(result.image) + (f" {json.dumps(info)}" if info else "")
 
-    return _run_files(plan, run, desc.scale, args, shapes)
+    return _run_files(plan, run, desc.scale, args)
 
 
-def _run_files(plan: jobs.Plan, upscale_fn: jobs.UpscaleFn, scale: float, args: argparse.Namespace,
-               shapes: dict[str, str]) -> int:
+def _size(image: torch.Tensor) -> str:
+    return f"({image.shape[-1]}x{image.shape[-2]})"
+
+
+def _run_files(plan: jobs.Plan, upscale_fn: jobs.UpscaleFn, scale: float, args: argparse.Namespace) -> int:
     """Run a planned file job with the command line's reporting, Ctrl-C handling and exit status."""
     for line in jobs.describe_ignored(plan.ignored):
         print(line, file=sys.stderr)
@@ -147,7 +147,7 @@ def _run_files(plan: jobs.Plan, upscale_fn: jobs.UpscaleFn, scale: float, args: 
 
     def report(outcome: jobs.Outcome) -> None:
         outcomes.append(outcome)
-        _report(outcome, shapes)
+        _report(outcome)
 
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # --max-pixels (load_image) is the one limit in this process
@@ -195,7 +195,6 @@ def cmd_stablesr(args: argparse.Namespace) -> int:
     context = sd.context(args.prompt, device).to(dtype)
     print(f"{sd.source}: SD 2.x {sd.prediction}-prediction, {module.name}"
           f"{', ' + cfw.name if cfw else ''} on {device} ({str(dtype)[6:]})", file=sys.stderr)
-    shapes: dict[str, str] = {}
 
     def run(image: torch.Tensor, task: jobs.Task) -> tuple[torch.Tensor, str]:
         bar = ProgressBar(f"{task.rel} ({options.steps} steps)")
@@ -213,10 +212,9 @@ def cmd_stablesr(args: argparse.Namespace) -> int:
             out = torch.cat([out if image.shape[1] == 4 else out.mean(1, keepdim=True), alpha.clamp(0, 1)], 1)
         elif image.shape[1] == 1:
             out = out.mean(1, keepdim=True)
-        shapes[task.rel] = f"{out.shape[-1]}x{out.shape[-2]}"
-        return out, f"seed {options.seed}"
+        return out, f"{_size(out)} seed {options.seed}"
 
-    return _run_files(plan, run, options.upscale, args, shapes)
+    return _run_files(plan, run, options.upscale, args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -89,12 +89,6 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def _check_tile(tile: object) -> TileSize:
     if tile is None or tile == "auto":
         return tile  # type: ignore[return-value]
@@ -187,9 +181,7 @@ def upscale(
     if desc.in_channels != 3:
         raise InvalidInputError(f"{desc.name} takes {desc.in_channels}-channel input; only RGB models are run here")
     tile = _check_tile(tile)
-    overlap = _check_int("overlap", overlap, 0)
-    context = _check_int("context", context, 0)
-    tiles_per_batch = _check_int("tiles_per_batch", tiles_per_batch, 1)
+    tiling.check_ints(("overlap", overlap, 0), ("context", context, 0), ("tiles_per_batch", tiles_per_batch, 1))
     if alpha not in ("bicubic", "model"):
         raise InvalidInputError(f"alpha must be 'bicubic' or 'model', got {alpha!r}")
     _check_options(desc, options)

@@ -14,7 +14,7 @@ Models never import this package: the front-ends and engines drive the models th
 
 from .image import DEFAULT_MIN_TILE, TileFn, run_tiled
 from .memory import DEFAULT_CPU_BUDGET, auto_tile_size, balanced_tile, is_oom_error, memory_budget
-from .plan import GAUSSIAN_VARIANCE, feather_weight, gaussian_weights, plan_tiles, tile_weight
+from .plan import GAUSSIAN_VARIANCE, check_ints, feather_weight, gaussian_weights, plan_tiles, tile_weight
 from .types import CancelFn, ProgressFn
 from .vae import SharedGroupNorm, StatsMode, tiled_decode, tiled_encode, tiled_vae_decode, tiled_vae_encode
 
@@ -29,6 +29,7 @@ __all__ = [
     "TileFn",
     "auto_tile_size",
     "balanced_tile",
+    "check_ints",
     "feather_weight",
     "gaussian_weights",
     "is_oom_error",

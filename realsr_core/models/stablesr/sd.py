@@ -44,13 +44,13 @@ def sd_kind(state_dict: StateDict) -> str:
     return "SD 2.x"
 
 
-def is_v_prediction(unet_state_dict: StateDict) -> bool:
+def is_v_prediction(state_dict: StateDict, prefix: str = "") -> bool:
     """True for a v-prediction SD 2.x UNet (the 768-v model), read from its weights.
 
     Args:
-        unet_state_dict: the UNet's keys without the ``model.diffusion_model.`` prefix.
+        state_dict: the UNet's keys, under ``prefix`` (``model.diffusion_model.`` in a checkpoint).
     """
-    bias = unet_state_dict.get(_VPRED_KEY)
+    bias = state_dict.get(prefix + _VPRED_KEY)
     return bias is not None and float(bias.float().std(unbiased=False)) > _VPRED_STD
 
 
@@ -140,8 +140,7 @@ def load_sd(
     # SD 2.x splits attention into 64-channel heads (320 / 640 / 1280 wide levels); a narrower test UNet
     # gets one head per level instead.
     unet = load_unet(sd, num_head_channels=64 if model_channels % 64 == 0 else model_channels)
-    prediction: Literal["eps", "v"] = "v" if is_v_prediction({k[len(UNET_PREFIX):]: v for k, v in sd.items()
-                                                              if k.startswith(UNET_PREFIX + _VPRED_KEY)}) else "eps"
+    prediction: Literal["eps", "v"] = "v" if is_v_prediction(sd, UNET_PREFIX) else "eps"
     vae = load_vae({k: v for k, v in sd.items() if k.startswith("first_stage_model.")})
     tower = None
     if text and is_text_state_dict(sd):
