@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..realsr_core import ModelDescriptor, load_model, upscale
 from ..realsr_core.adapt import FinetuneResult, finetune
+from ..realsr_core.catalog import missing_file_message
 from ..realsr_core.inference import TileSize
 from ..realsr_core.weights import builtin_models, builtin_path
 
@@ -48,14 +49,28 @@ def model_files() -> list[str]:
     return names
 
 
+SEARCHED = (FOLDER, "upscale_models")  # the folders a RealSR model file is looked up in, in this order
+
+
+def searched_folders() -> list[str]:
+    """Every folder a model file is looked for in (``models/realsr``, ``extra_model_paths.yaml``, upscale_models)."""
+    return [p for folder in SEARCHED for p in folder_paths.get_folder_paths(folder)]
+
+
+def missing_model_message(name: str) -> str:
+    """The one-line report of a model file that is in none of the folders: where it belongs and its link."""
+    return missing_file_message(name, "comfyui", searched_folders())
+
+
 def resolve_model_file(name: str) -> str:
+    """The full path of a loader's ``model_name``; a missing file raises naming the folders and the download link."""
     if name.startswith(BUILTIN):
         return str(builtin_path(name[len(BUILTIN):]))
-    for folder in (FOLDER, "upscale_models"):
+    for folder in SEARCHED:
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
             return path
-    raise FileNotFoundError(f"model file {name!r} not found in models/{FOLDER} or models/upscale_models")
+    raise FileNotFoundError(missing_model_message(name))
 
 
 @dataclass

@@ -32,6 +32,13 @@ class LoadRealSRModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        """Replaces ComfyUI's "Value not in list" for a file that is not there: the folder it belongs in and its link."""
+        if model_name in host.model_files():
+            return True
+        return host.missing_model_message(model_name)
+
+    @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
         model = host.load(model_name)
         return io.NodeOutput(*[

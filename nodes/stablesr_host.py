@@ -44,7 +44,7 @@ from ..realsr_core.diffusion.engine import (
     run_stablesr,
 )
 from ..realsr_core.diffusion.ve import ddpm_ve_sigmas, lr_start_ve, sample_ddpm_ve
-from ..realsr_core.models.stablesr import StableSRModule, bind_sft_forward
+from ..realsr_core.models.stablesr import StableSRModule, attach_sft, resblock_channels
 from ..realsr_core.models.stablesr.sd import check_module_fits
 from ..realsr_core.tiling import (
     ProgressFn,
@@ -77,52 +77,20 @@ class _SFTState:
         self.cond: Any = None
 
 
-def resblock(unet: nn.Module, path: str) -> nn.Module:
-    """The ResBlock at ``path`` ("input_blocks.1.0", "middle_block.2", ...) of a ComfyUI UNetModel."""
-    return functools.reduce(lambda m, name: getattr(m, name), path.split("."), unet)
-
-
 def check_fit(unet: nn.Module, module: StableSRModule) -> None:
     """Raise a clear error when the module's SFT layers do not match the MODEL's UNet."""
-
-    def channels_of(path: str) -> int | None:
-        try:
-            block = resblock(unet, path)
-        except (AttributeError, IndexError):
-            return None
-        if not all(hasattr(block, a) for a in ("in_layers", "out_layers", "skip_connection")):
-            return None  # not a ResBlock
-        return getattr(block, "out_channels", None)
-
-    check_module_fits(module, channels_of)
+    check_module_fits(module, resblock_channels(unet))
 
 
 def _injection(module: StableSRModule, state: _SFTState) -> PatcherInjection:
-    saved: dict[str, Any] = {}  # path -> previous instance _forward (another pack's), restored on eject
+    detach: list[Callable[[], None]] = []
 
     def inject(patcher: comfy.model_patcher.ModelPatcher) -> None:
-        unet = patcher.model.diffusion_model
-        for path, layer in module.sft_layers:
-            block = resblock(unet, path)
-            if "_forward" in block.__dict__:
-                saved[path] = block.__dict__["_forward"]
-            plain = block._forward  # the class method (or a previous instance override), bound
-            with_sft = bind_sft_forward(block, layer, lambda: state.cond)
-
-            def forward(x: Tensor, emb: Tensor, *args: Any, _plain=plain, _sft=with_sft, **kwargs: Any) -> Tensor:
-                if state.cond is None:  # not a StableSR call (e.g. another sampler on this clone)
-                    return _plain(x, emb, *args, **kwargs)
-                return _sft(x, emb, *args, **kwargs)
-
-            block._forward = forward
+        detach.append(attach_sft(patcher.model.diffusion_model, module.sft_layers, lambda: state.cond))
 
     def eject(patcher: comfy.model_patcher.ModelPatcher) -> None:
-        unet = patcher.model.diffusion_model
-        for path, _ in module.sft_layers:
-            block = resblock(unet, path)
-            block.__dict__.pop("_forward", None)
-            if path in saved:
-                block._forward = saved.pop(path)
+        while detach:
+            detach.pop()()
 
     return PatcherInjection(inject=inject, eject=eject)
 

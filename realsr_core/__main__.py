@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 from . import imageio, jobs
+from .catalog import missing_file_message
 from .descriptor import ModelDescriptor
-from .errors import RealSRError, RealSRWarning
+from .errors import CheckpointError, RealSRError, RealSRWarning
 from .inference import compute_dtype, resolve_device, upscale
 from .registry import load_model
 from .weights import builtin_path
@@ -112,9 +113,17 @@ def _report(outcome: jobs.Outcome) -> None:
         print(f"failed: {outcome.failure()}", file=sys.stderr)
 
 
+def _require_files(*paths: str | None) -> None:
+    """Refuse a missing checkpoint before anything loads: the message says where the official file is published."""
+    for path in paths:
+        if path is not None and not Path(path).exists():
+            raise CheckpointError(missing_file_message(Path(path).name, "cli", [path]))
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     # Every refusal that needs no model comes first: nothing is loaded or run for a job that cannot finish.
     plan = jobs.plan_job(args.input, args.output, keep_ext=args.keep_ext)
+    _require_files(args.model)
     device = resolve_device(args.device)
     desc = load_model(args.model or builtin_path(), device=device)
     # The command line owns its model, so it is cast once rather than copied per image.
@@ -178,6 +187,7 @@ def cmd_stablesr(args: argparse.Namespace) -> int:
                               tiled_vae=args.tiled_vae)
     options.check()
     plan = jobs.plan_job(args.input, args.output, keep_ext=args.keep_ext)
+    _require_files(args.sd, args.module, args.cfw)  # before the first multi-GB read
     device = resolve_device(args.device)
     dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else torch.float32
     module = load_model(args.module)
@@ -230,6 +240,21 @@ def cmd_info(args: argparse.Namespace) -> int:
             raise
         described = load_sd(args.model).describe()
     print(json.dumps(described, indent=1, default=str))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The official model files: name, method, size, folder in each host, download link."""
+    from . import catalog
+
+    if args.json:
+        print(json.dumps([m.to_dict() for m in catalog.CATALOG], indent=1))
+    elif args.markdown:
+        print(catalog.markdown_table())
+    else:
+        print(catalog.text_table())
+        print("\nFolders are relative to the ComfyUI or webui folder; ComfyUI also searches models/upscale_models/ and "
+              "any realsr: entry of extra_model_paths.yaml. Keep the official file names.")
     return 0
 
 
@@ -325,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint (an upscaler, a StableSR module or VAE, an SD 2.x file)")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
+    ms = sub.add_parser("models", help="list the official model files: size, folder in ComfyUI and in "
+                                       "Forge / AUTOMATIC1111, download link")
+    fmt = ms.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the list as JSON")
+    fmt.add_argument("--markdown", action="store_true", help="print the README's table (Markdown)")
+    ms.set_defaults(func=cmd_models)
     e = sub.add_parser("export", help="write a checkpoint's inference weights only (safetensors)")
     e.add_argument("model")
     e.add_argument("-o", "--output", required=True)

@@ -491,7 +491,7 @@ def test_hook_on_encoder_resblock_and_bound_forward() -> None:
             calls.append(type(norm).__name__)
             return norm(h)
 
-        c = resblock_forward_with_sft(block, x, emb, layer, conds[1], {"groupnorm_wrapper": gn_wrapper})
+        c = resblock_forward_with_sft(block, x, emb, layer, conds[1], {"group_norm_wrapper": gn_wrapper})
     torch.testing.assert_close(c, b)
     assert len(calls) == 2
 

@@ -48,6 +48,20 @@ def test_loader_lists_files_and_types_outputs(comfy, loaded) -> None:
     assert type(loaded["femasr_outputs"][1]).__name__ == "NotThisModel"
 
 
+def test_missing_model_file_names_the_folder_and_the_link(comfy, models_dir) -> None:
+    from realsr_core.catalog import find
+
+    load = comfy.nodes[f"{PREFIX}LoadModel"]
+    assert load.validate_inputs(model_name="FeMaSR_SRX4_model_g.pth") is True
+    assert load.validate_inputs(model_name="built-in/crlsr_x4.safetensors") is True
+    # Instead of ComfyUI's "Value not in list": the folders searched, where the file goes, its link.
+    msg = load.validate_inputs(model_name="MMRealSRNet.pth")
+    assert str(models_dir) in msg and "models/realsr/ of ComfyUI" in msg and find("MMRealSRNet.pth").url in msg
+    assert "python -m realsr_core models" in load.validate_inputs(model_name="my_own.pth")
+    with pytest.raises(FileNotFoundError, match="MM-RealSR/releases/download.*models/realsr/ of ComfyUI"):
+        load.execute(model_name="MMRealSRNet.pth")
+
+
 def test_femasr_upscale_under_model_management(comfy, loaded) -> None:
     mm = comfy.model_management
     x = bhwc(load_png(ROOT_FIXTURES / "femasr_x4" / "input_b_test.png"))

@@ -20,6 +20,7 @@ from helpers import ROOT, skimage_photo
 from PIL import Image
 from workflow_api import to_api
 
+from realsr_core.catalog import find
 from realsr_core.imageio import save_image
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -237,6 +238,12 @@ def test_refusals_are_clear_and_the_next_prompt_runs(server) -> None:
     err = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
     assert "needs at least" in err["exception_message"] and "4x4" in err["exception_message"]
     assert len(err["traceback"]) < 25
+    # A model file that is not there: refused before anything runs, naming the folder and the download link.
+    missing = _mm_prompt(server)
+    missing["2"]["inputs"]["model_name"] = "MMRealSRNet.pth"
+    code, body = server.queue(missing)
+    errors = json.dumps(body.get("node_errors"))
+    assert code == 400 and "models/realsr/ of ComfyUI" in errors and find("MMRealSRNet.pth").url in errors, errors
     # The next prompt still runs.
     assert server.run(_mm_prompt(server))["status"]["status_str"] == "success"
 

@@ -25,7 +25,15 @@ from .encoder import (
     select_cond,
     timestep_embedding,
 )
-from .sft import SFTLayer, SFTLayers, bind_sft_forward, infer_sft_spec, resblock_forward_with_sft
+from .sft import (
+    SFTLayer,
+    SFTLayers,
+    attach_sft,
+    bind_sft_forward,
+    infer_sft_spec,
+    resblock_channels,
+    resblock_forward_with_sft,
+)
 
 __all__ = [
     "ARCHITECTURE",
@@ -39,6 +47,7 @@ __all__ = [
     "StableSRModule",
     "TimeAwareEncoder",
     "TimestepResBlock",
+    "attach_sft",
     "bind_sft_forward",
     "cond_by_shape",
     "detect",
@@ -46,6 +55,7 @@ __all__ = [
     "infer_encoder_config",
     "infer_sft_spec",
     "load",
+    "resblock_channels",
     "resblock_forward_with_sft",
     "select_cond",
     "split_state_dict",

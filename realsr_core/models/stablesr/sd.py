@@ -9,6 +9,7 @@ which one predicts v is read from the weights (see :func:`is_v_prediction`), nev
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,19 +17,25 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ...checkpoint import load_checkpoint
+from ...checkpoint import Checkpoint, load_checkpoint, read_tensors
 from ...descriptor import StateDict
 from ...errors import InvalidInputError, UnsupportedModelError
 from .cfw import VAEDescriptor, load_vae
 from .text import TEXT_PREFIX, OpenCLIPTextTower, empty_prompt_tokens, is_text_state_dict, tokenize
 from .unet import UNET_PREFIX, StableSRUNet, load_unet
 
-__all__ = ["SDModel", "check_module_fits", "is_v_prediction", "load_sd", "sd_kind"]
+__all__ = ["SD_FILE_PREFIXES", "SDModel", "check_module_fits", "is_v_prediction", "load_sd", "sd_kind"]
 
 # The 768-v model's weights differ from the 512 (eps) model's in the spread of this LayerNorm bias (a fact
 # ComfyUI's SD 2.x detection relies on; both have exactly the same layout).
 _VPRED_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 _VPRED_STD = 0.09
+# What ``load_sd(..., unet=False)`` reads from a file (``checkpoint.read_tensors``): the VAE, the text tower and
+# the few UNet tensors that tell SD 2.x from SD 1.x / SDXL and eps from v-prediction.
+SD_FILE_PREFIXES = (
+    "first_stage_model.", TEXT_PREFIX, UNET_PREFIX + "input_blocks.0.0.", UNET_PREFIX + "label_emb.",
+    UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.", UNET_PREFIX + _VPRED_KEY,
+)
 
 
 def sd_kind(state_dict: StateDict) -> str:
@@ -89,7 +96,7 @@ def unet_channels(unet: StableSRUNet) -> Callable[[str], int | None]:
 class SDModel:
     """The parts of an SD 2.x checkpoint StableSR uses, on one device."""
 
-    unet: StableSRUNet
+    unet: StableSRUNet | None  # None when loaded without it (``load_sd(..., unet=False)``)
     vae: VAEDescriptor
     text: OpenCLIPTextTower | None
     prediction: Literal["eps", "v"]
@@ -120,15 +127,22 @@ def load_sd(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     text: bool = True,
+    unet: bool = True,
 ) -> SDModel:
     """Read an SD 2.x checkpoint (file or state dict) into the core UNet, VAE and text tower.
+
+    ``unet=False`` leaves the UNet out (a host that has it loaded already): from a file, only the VAE, the text
+    tower and the few UNet tensors of :data:`SD_FILE_PREFIXES` are read; the prediction type is still read.
 
     Raises:
         UnsupportedModelError: not a Stable Diffusion checkpoint, or SD 1.x / SDXL (StableSR needs SD 2.x), or
             tensors that do not form the models (the loaders name the tensor).
         CheckpointError: unreadable file, code in a pickle, NaN / non-float weights.
     """
-    ckpt = load_checkpoint(source, prefer="state_dict")
+    if unet or isinstance(source, Mapping):
+        ckpt = load_checkpoint(source, prefer="state_dict")
+    else:
+        ckpt = Checkpoint(read_tensors(source, SD_FILE_PREFIXES), source=Path(source).name)
     sd = ckpt.state_dict
     kind = sd_kind(sd)
     if kind != "SD 2.x":
@@ -139,7 +153,7 @@ def load_sd(
     model_channels = int(sd[UNET_PREFIX + "input_blocks.0.0.weight"].shape[0])
     # SD 2.x splits attention into 64-channel heads (320 / 640 / 1280 wide levels); a narrower test UNet
     # gets one head per level instead.
-    unet = load_unet(sd, num_head_channels=64 if model_channels % 64 == 0 else model_channels)
+    net = load_unet(sd, num_head_channels=64 if model_channels % 64 == 0 else model_channels) if unet else None
     prediction: Literal["eps", "v"] = "v" if is_v_prediction(sd, UNET_PREFIX) else "eps"
     vae = load_vae({k: v for k, v in sd.items() if k.startswith("first_stage_model.")})
     tower = None
@@ -150,8 +164,8 @@ def load_sd(
     elif text:
         raise UnsupportedModelError(f"{ckpt.source}: no OpenCLIP text encoder (cond_stage_model.model.*) in this "
                                     "SD 2.x checkpoint; StableSR's empty-prompt context needs it")
-    for m in (unet, tower):
+    for m in (net, tower):
         if m is not None:
-            m.to(device=device, dtype=dtype)
+            m.to(device=device, dtype=dtype).eval()
     vae.to(device, dtype)
-    return SDModel(unet.eval(), vae, tower, prediction, ckpt.source)
+    return SDModel(net, vae, tower, prediction, ckpt.source)

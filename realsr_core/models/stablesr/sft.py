@@ -16,6 +16,7 @@ Nothing here depends on a host application: the ResBlock is duck-typed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -30,7 +31,9 @@ from .encoder import Cond, GroupNorm32, select_cond
 __all__ = [
     "SFTLayer",
     "SFTLayers",
+    "attach_sft",
     "bind_sft_forward",
+    "resblock_channels",
     "infer_sft_spec",
     "resblock_forward_with_sft",
 ]
@@ -227,8 +230,8 @@ def resblock_forward_with_sft(
     ``skip_connection`` and ``emb_layers``; optional attributes, with their defaults when absent:
     ``updown`` (False; then ``h_upd``/``x_upd`` resample between ``in_layers[:-1]`` and its conv),
     ``use_scale_shift_norm`` (False), ``skip_t_emb`` (False, also when ``emb_layers`` is None),
-    ``exchange_temb_dims`` (False).  A ``transformer_options["groupnorm_wrapper"]`` callable
-    ``(norm, h, transformer_options) -> h`` is honoured for the norms, as some hosts do.
+    ``exchange_temb_dims`` (False).  A ``transformer_options["group_norm_wrapper"]`` callable
+    ``(norm, h, transformer_options) -> h`` is honoured for the norms, as Forge's UNet does.
 
     Args:
         block: the ResBlock (its own ``forward`` is not called).
@@ -242,7 +245,7 @@ def resblock_forward_with_sft(
         (B, C_out, H', W'), the block's output.
     """
     opts = transformer_options or {}
-    gn_wrap = opts.get("groupnorm_wrapper")
+    gn_wrap = opts.get("group_norm_wrapper")
 
     def run(layers: nn.Module, h: Tensor) -> Tensor:
         # A Sequential whose first element is a norm; a host may wrap the norm call.
@@ -304,3 +307,60 @@ def bind_sft_forward(
         return resblock_forward_with_sft(block, x, emb, sft_layer, get_cond(), opts)
 
     return forward
+
+
+# ---------------------------------------------------------------------------- a host's UNet
+def _resblock(unet: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` ("input_blocks.1.0") of an ldm-layout UNet, if it is a ResBlock."""
+    try:
+        block = functools.reduce(getattr, path.split("."), unet)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return block if all(hasattr(block, a) for a in ("in_layers", "out_layers", "skip_connection")) else None
+
+
+def resblock_channels(unet: nn.Module) -> Callable[[str], int | None]:
+    """``channels_of(path)`` for :func:`~realsr_core.models.stablesr.sd.check_module_fits` on any ldm-layout UNet
+    (ComfyUI's, the webui's ldm or Forge's): the ResBlock's output channels, None when there is none."""
+    return lambda path: getattr(_resblock(unet, path), "out_channels", None)
+
+
+def attach_sft(unet: nn.Module, sft_layers: SFTLayers, get_cond: Callable[[], Any]) -> Callable[[], None]:
+    """Modulate a host UNet's ResBlocks by the SFT layers, at instance level; returns the function undoing it.
+
+    Each ResBlock gets an instance ``_forward`` (the class method is untouched, so no other model is
+    affected) that applies its SFT layer while ``get_cond()`` returns a condition and runs the block as
+    before when it returns None (another sampler on the same UNet).  A ``_forward`` that another extension
+    set on the instance is kept and put back by the returned ``detach``.
+
+    Args:
+        unet: an ldm-layout UNet (``input_blocks`` / ``middle_block`` / ``output_blocks``).
+        sft_layers: the module's SFT layers (``(path, layer)`` pairs).
+        get_cond: the condition of the UNet call in progress, or None.
+    """
+    saved: dict[str, Any] = {}
+    for path, layer in sft_layers:
+        block = _resblock(unet, path)
+        if block is None:
+            raise InvalidInputError(f"the UNet has no ResBlock at {path}")
+        if "_forward" in block.__dict__:
+            saved[path] = block.__dict__["_forward"]
+        plain = block._forward  # the class method (or a previous instance override), bound
+        with_sft = bind_sft_forward(block, layer, get_cond)
+
+        def forward(x: Tensor, emb: Tensor, *args: Any, _plain=plain, _sft=with_sft, **kwargs: Any) -> Tensor:
+            if get_cond() is None:
+                return _plain(x, emb, *args, **kwargs)
+            return _sft(x, emb, *args, **kwargs)
+
+        block._forward = forward
+
+    def detach() -> None:
+        for path, _ in sft_layers:
+            block = _resblock(unet, path)
+            if block is not None:
+                block.__dict__.pop("_forward", None)
+                if path in saved:
+                    block._forward = saved.pop(path)
+
+    return detach
