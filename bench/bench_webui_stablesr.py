@@ -99,8 +99,9 @@ def comfy(sd: str, module: str, size: int) -> Callable[[int], object]:
 
     args.cpu = True
     import folder_paths
-    import nodes
     from comfy.sd import load_checkpoint_guess_config
+
+    import nodes
 
     assert asyncio.run(nodes.load_custom_node(str(ROOT)))
     folder_paths.add_model_folder_path("realsr", str(Path(module).parent))

@@ -8,6 +8,7 @@ as for ComfyUI's node against the command line (tests/host/test_stablesr_host.py
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -16,9 +17,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import SD_FILE, b64png, decode, photo, sd21_file, to_tensor
 from helpers import ROOT
 from PIL import Image
+from webui_host import SD_FILE, V768_FILE, b64png, decode, photo, sd21_file, to_tensor
 
 from realsr_core import color_fix, load_model, upscale
 
@@ -209,3 +210,34 @@ def test_bad_inputs_get_one_line_messages_and_the_server_goes_on(webui) -> None:
     status, body = img2img(webui, photo(0, 0, 1, 1), script_args=stablesr_args(upscale=1))
     assert status != 200 and "at least 8x8" in str(body)
     assert SD_FILE in str(webui.ok("GET", "/sdapi/v1/sd-models"))  # still serving
+
+
+def test_install_py_installs_nothing_into_a_webui_venv(webui) -> None:
+    """What the webui runs on every start (``run_extension_installer``: the webui's Python, PYTHONPATH = its root):
+    with the webui's pinned packages nothing is missing, so pip is not called and the host's pins stay."""
+    python, root = webui.proc.args[0], webui.root
+    done = subprocess.run([python, str(ROOT / "install.py")], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "realsr: all requirements are installed" in done.stdout, done.stdout + done.stderr
+
+
+def test_stablesr_reads_v_prediction_from_the_weights_on_768v(webui, tmp_path) -> None:
+    """The 768-v file (Forge takes it for eps without a .yaml): the script's image is the command line's, which reads
+    v-prediction from the same weights; an eps reading would be far off."""
+    titles = [m["title"] for m in webui.ok("GET", "/sdapi/v1/sd-models")]
+    v768 = next(t for t in titles if "768" in t)
+    webui.ok("POST", "/sdapi/v1/options", {"sd_model_checkpoint": v768})
+    try:
+        lr = photo(190, 90, 32, 32)
+        status, out = img2img(webui, lr, script_args=stablesr_args())
+        assert status == 200, f"{out}\n{webui.log_tail()}"
+    finally:
+        webui.ok("POST", "/sdapi/v1/options", {"sd_model_checkpoint": next(t for t in titles if "512" in t)})
+    lr.save(tmp_path / "lr.png")
+    done = subprocess.run([sys.executable, "-m", "realsr_core", "stablesr", str(tmp_path / "lr.png"), "-o",
+                           str(tmp_path / "cli.png"), "--sd", str(sd21_file(V768_FILE)), "--module",
+                           str(webui.models / "stablesr_000117.ckpt"), "--steps", "2", "--seed", "11"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0 and "v-prediction" in done.stderr, done.stderr[-3000:]
+    diff = np.abs(decode(out["images"][0]).astype(float) - np.asarray(Image.open(tmp_path / "cli.png")).astype(float))
+    assert diff.max() <= 2 + 1e-9 and diff.mean() / 255 < 2e-3, (diff.max(), diff.mean())

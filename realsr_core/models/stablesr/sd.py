@@ -9,9 +9,9 @@ which one predicts v is read from the weights (see :func:`is_v_prediction`), nev
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
