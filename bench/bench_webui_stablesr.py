@@ -3,8 +3,8 @@
 ``webui``: a running Forge or AUTOMATIC1111 with this extension (start it with ``../shared/webui/start_*.sh``
 plus ``--realsr-models-path`` holding the module and ``--ckpt-dir`` holding the SD file); calls
 ``/sdapi/v1/img2img`` with ``script_name: stablesr``.  ``comfy``: the pack's StableSR node inside ComfyUI
-(``COMFYUI_PATH``), in this process.  Both: a warm-up call (loads everything), then 1 and 3 official DDPM
-steps; seconds per step = (t3 - t1) / 2 (loading, VAE and colour fix cancel out); peak memory = the largest
+(``COMFYUI_PATH``), in this process.  Both: a warm-up call (loads everything), then 1 and 5 official DDPM
+steps; seconds per step = (t5 - t1) / 4 (loading, VAE and colour fix cancel out); peak memory = the largest
 resident set of the process that runs the model during a call, minus its resident set just before.
 
 Usage::
@@ -139,10 +139,12 @@ def main() -> None:
     else:
         run, pid = comfy(a.sd, a.module, a.size), os.getpid()
     run(1)  # warm-up: loads the checkpoint, the module, the text tower
-    runs = {steps: measure(lambda s=steps: run(s), pid) for steps in (1, 3)}
-    print(json.dumps({"what": a.what, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    runs = {steps: measure(lambda s=steps: run(s), pid) for steps in (1, 5)}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    print(json.dumps({"what": a.what, "machine": f"{cpu}, {os.cpu_count()} cores",
                       "date": time.strftime("%Y-%m-%d"), "input": f"{a.size}x{a.size}", "output": f"{4 * a.size}px",
-                      "runs": runs, "seconds_per_step": (runs[3]["seconds"] - runs[1]["seconds"]) / 2}, indent=1))
+                      "runs": runs, "seconds_per_step": (runs[5]["seconds"] - runs[1]["seconds"]) / 4}, indent=1))
 
 
 if __name__ == "__main__":

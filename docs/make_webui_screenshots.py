@@ -31,6 +31,18 @@ def wait(url: str, proc: subprocess.Popen, seconds: int = 300) -> None:
     raise SystemExit("the webui did not answer")
 
 
+def shot(page, first, last, name: str, below: int = 20) -> None:  # noqa: ANN001 - playwright objects
+    """The part of the page from ``first`` (top left) down to ``last`` (bottom right)."""
+    top, bottom = first.bounding_box(), last.bounding_box()  # viewport coordinates; the clip is in page ones
+    scroll = page.evaluate("window.scrollY")
+    top["y"] += scroll
+    bottom["y"] += scroll
+    x, y = top["x"] - 25, top["y"] - 60
+    page.screenshot(path=str(ROOT / "docs" / name), full_page=True,
+                    clip={"x": x, "y": y, "width": max(b["x"] + b["width"] for b in (top, bottom)) + 25 - x,
+                          "height": bottom["y"] + bottom["height"] + below - y})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--webui", type=Path, required=True)
@@ -69,7 +81,7 @@ def main() -> None:
             extras.get_by_label("Enable RealSR controls").check()
             extras.get_by_label("MM-RealSR blur: auto (the model's estimate)").uncheck()
             time.sleep(1)
-            extras.screenshot(path=str(ROOT / "docs" / "webui_extras.png"))
+            shot(page, extras.get_by_text("Upscaler 1").first, extras.get_by_label("LWay learning rate"), "webui_extras.png")
             page.get_by_role("tab", name="img2img").first.click()
             time.sleep(1)
             tab = page.locator("#tab_img2img")
@@ -77,7 +89,7 @@ def main() -> None:
             script.click()
             page.get_by_role("option", name="StableSR", exact=True).click()
             time.sleep(2)
-            tab.screenshot(path=str(ROOT / "docs" / "webui_stablesr.png"))
+            shot(page, tab.locator("#script_list"), tab.get_by_text("Tiled VAE").last, "webui_stablesr.png", below=80)
             browser.close()
     finally:
         proc.terminate()

@@ -16,6 +16,8 @@ backends on the host's loaded SD 2.x model:
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ NONE = "None"
 ARGS = ["module", "cfw", "upscale", "sampler", "steps", "tile_size", "tile_overlap", "start", "color_fix",
         "color_fix_strength", "cfw_weight", "tiled_vae"]
 _cache: dict[str, tuple[str, object]] = {}  # "module" / "cfw" -> (path, descriptor): one of each kept loaded
+# ((checkpoint path, mtime), prompt) -> (1, 77, D) text context on the CPU, for the current checkpoint only: the
+# text tower (1.4 GB) is read from the file only for a prompt not seen before.
+_contexts: dict[tuple[tuple[str, float], str], torch.Tensor] = {}
 
 
 def _load(kind: str, name: str, arch: str):
@@ -98,11 +103,19 @@ def run(p, module: str, cfw: str, upscale: float, sampler: str, steps: int, tile
     sd_model, unet, dtype = host_unet()
     check_module_fits(sr.model, resblock_channels(unet))
     device = next(unet.parameters()).device
-    # The checkpoint's VAE and text tower, read from its file (the UNet is the host's): refuses SD 1.x / XL.
-    sd = load_sd(sd_model.sd_checkpoint_info.filename, unet=False, device=device)
+    # The checkpoint's VAE and text contexts, read from its file (the UNet is the host's): refuses SD 1.x / XL.
+    path = sd_model.sd_checkpoint_info.filename
     prompts = ("", None) if k_sampler is None else (p.prompt, p.negative_prompt)
-    context, uncond = (None if t is None else sd.context(t, device).to(dtype) for t in prompts)
-    sd.text = None  # 1.4 GB: not needed once the contexts are computed
+    key = (path, os.path.getmtime(path))
+    missing = [t for t in prompts if t is not None and (key, t) not in _contexts]
+    sd = load_sd(path, unet=False, text=bool(missing), device=device)
+    if missing:
+        for k in [k for k in _contexts if k[0] != key]:  # contexts of another checkpoint
+            del _contexts[k]
+        for t in missing:
+            _contexts[(key, t)] = sd.context(t, "cpu")
+        sd.text = None  # 1.4 GB: read again only for a new prompt
+    context, uncond = (None if t is None else _contexts[(key, t)].to(device, dtype) for t in prompts)
     sr.to(device, dtype)
     if cfw_desc is not None:
         cfw_desc.to(device, torch.float32)

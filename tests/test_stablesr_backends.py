@@ -155,6 +155,7 @@ def test_sd_file_read_without_its_unet(tmp_path: Path) -> None:
         assert all(torch.equal(a, b) for a, b in zip(part.vae.model.state_dict().values(),
                                                      whole.vae.model.state_dict().values(), strict=True))
         assert torch.equal(part.context(), whole.context())
+    assert load_sd(tmp_path / "tiny.safetensors", unet=False, text=False).text is None
     got = read_tensors(tmp_path / "tiny.ckpt", ("first_stage_model.",))
     assert got and all(k.startswith("first_stage_model.") for k in got)
     sd1 = dict(sd)

@@ -142,7 +142,8 @@ def load_sd(
     if unet or isinstance(source, Mapping):
         ckpt = load_checkpoint(source, prefer="state_dict")
     else:
-        ckpt = Checkpoint(read_tensors(source, SD_FILE_PREFIXES), source=Path(source).name)
+        prefixes = SD_FILE_PREFIXES if text else tuple(p for p in SD_FILE_PREFIXES if p != TEXT_PREFIX)
+        ckpt = Checkpoint(read_tensors(source, prefixes), source=Path(source).name)
     sd = ckpt.state_dict
     kind = sd_kind(sd)
     if kind != "SD 2.x":
