@@ -9,13 +9,13 @@ step (after "Upscale") has applied the colour fix.  Through the API: ``POST /rea
 from __future__ import annotations
 
 import gradio as gr
-import torch
 from modules import scripts_postprocessing, shared
 
 from realsr_core.adapt.plot import loss_curve_image
 from realsr_core.colorfix import color_fix
 from realsr_core.errors import InvalidInputError
 
+from . import host
 from . import upscaler as up
 
 NAME = "RealSR"
@@ -49,10 +49,6 @@ def _check(args: dict) -> dict:
     if not 0.0 < float(a["lway_lr"]) <= 1e-3:
         raise InvalidInputError(f"RealSR lway_lr must be in (0, 1e-3], got {a['lway_lr']!r}")
     return a
-
-
-def _to_tensor(img) -> torch.Tensor:
-    return up._image_to_tensor(img)
 
 
 class RealSRExtras(scripts_postprocessing.ScriptPostprocessing):
@@ -104,13 +100,13 @@ class RealSRExtras(scripts_postprocessing.ScriptPostprocessing):
         elif any(v is not None for v in req.options.values()) or req.lway_iterations:
             pp.info["RealSR"] = "scores and LWay apply to RealSR upscalers only; choose one as Upscaler 1"
         if a["color_fix"] != "none" and float(a["color_fix_strength"]) > 0:
-            out = color_fix(_to_tensor(pp.image), _to_tensor(self.original), method=a["color_fix"],
+            out = color_fix(host.to_tensor(pp.image), host.to_tensor(self.original), method=a["color_fix"],
                             strength=float(a["color_fix_strength"]))
-            pp.image = up._tensor_to_image(out)
+            pp.image = host.to_image(out)
             pp.info["RealSR colour fix"] = f"{a['color_fix']} {float(a['color_fix_strength']):g}"
         if req.losses:
             pp.info["RealSR LWay"] = f"{len(req.losses)} iterations, lr {req.lway_lr:g}, loss {req.losses[0]:.4g} -> {req.losses[-1]:.4g}"
             curve = loss_curve_image(req.losses, title="LWay self-supervised loss")
-            pp.extra_images.append(pp.create_copy(up._tensor_to_image(curve.permute(2, 0, 1)[None]), nametags=["lway-loss"],
+            pp.extra_images.append(pp.create_copy(host.to_image(curve.permute(2, 0, 1)[None]), nametags=["lway-loss"],
                                                   disable_processing=True))
         shared.state.textinfo = ""

@@ -11,8 +11,10 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from modules import devices, shared
+from PIL import Image
 
 from realsr_core.catalog import missing_file_message
 from realsr_core.checkpoint import load_checkpoint
@@ -90,6 +92,16 @@ def find_model_file(name: str) -> Path:
         if p.is_file():
             return p
     raise FileNotFoundError(missing_file_message(name, "webui", [str(d) for d in model_dirs()]))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL image -> (1, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [0, 1] -> an 8-bit RGB PIL image."""
+    return Image.fromarray((x[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8))
 
 
 def device() -> torch.device:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import gradio as gr
-import numpy as np
 import torch
 from modules import processing, scripts, sd_samplers_kdiffusion, shared
 from PIL import Image
@@ -119,7 +118,7 @@ def run(p, module: str, cfw: str, upscale: float, sampler: str, steps: int, tile
     sr.to(device, dtype)
     if cfw_desc is not None:
         cfw_desc.to(device, torch.float32)
-    image = torch.from_numpy(np.asarray(p.init_images[0].convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    image = host.to_tensor(p.init_images[0])
     cond: list = [None]
 
     def unet_fn(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | None, c: object, _sft: object) -> torch.Tensor:
@@ -148,8 +147,7 @@ def run(p, module: str, cfw: str, upscale: float, sampler: str, steps: int, tile
         detach()  # the next plain img2img runs the UNet exactly as before
         del sd
         host.free_memory()
-    a = (out[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(a)
+    return host.to_image(out)
 
 
 class StableSRScript(scripts.Script):

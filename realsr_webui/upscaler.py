@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from modules.upscaler import Upscaler, UpscalerData
 from PIL import Image
 
 from realsr_core import ModelDescriptor, load_model, upscale
 from realsr_core.adapt.lway import finetune
+from realsr_core.errors import Cancelled
 from realsr_core.inference import compute_dtype
 from realsr_core.weights import DEFAULT_MODEL, builtin_path
 
@@ -44,16 +44,6 @@ class Request:
 
 
 NEXT: Request | None = None
-
-
-def _image_to_tensor(img: Image.Image) -> torch.Tensor:
-    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(a).permute(2, 0, 1)[None]
-
-
-def _tensor_to_image(x: torch.Tensor) -> Image.Image:
-    a = (x[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(a)
 
 
 class UpscalerRealSR(Upscaler):
@@ -82,15 +72,18 @@ class UpscalerRealSR(Upscaler):
         return desc
 
     def do_upscale(self, img: Image.Image, selected_model: str | None = None) -> Image.Image:
-        with host.same_host_rng():
-            return self._upscale(img, selected_model)
+        try:
+            with host.same_host_rng():
+                return self._upscale(img, selected_model)
+        except Cancelled:  # Interrupt: the webui stops the job and resizes what it has, as for its own upscalers
+            return img
 
     def _upscale(self, img: Image.Image, selected_model: str | None) -> Image.Image:
         desc = self.load_model(selected_model or str(builtin_path(DEFAULT_MODEL)))
         req = NEXT
         device = host.device()
         dtype = compute_dtype(desc, device, torch.float16 if host.half() else None)
-        x = _image_to_tensor(img)
+        x = host.to_tensor(img)
         options: dict[str, Any] = {}
         if req is not None:
             options = {k: v for k, v in req.options.items() if k in desc.option_names()}
@@ -106,7 +99,7 @@ class UpscalerRealSR(Upscaler):
         if req is not None and desc is not self._loaded[1]:
             del desc  # the adapted copy lives for this image only
             host.free_memory()
-        return _tensor_to_image(result.image)
+        return host.to_image(result.image)
 
     def _adapt(self, desc: ModelDescriptor, x: torch.Tensor, req: Request, device: torch.device) -> ModelDescriptor:
         """LWay: a copy of the model fine-tuned on this image; the loaded model is not changed."""
