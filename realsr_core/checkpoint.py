@@ -26,7 +26,8 @@ from .errors import CheckpointError
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".pth", ".pt", ".ckpt", ".bin")
-SUPPORTED_EXT = SAFETENSORS_EXT + PICKLE_EXT
+NCNN_EXT = (".param",)  # an ncnn graph; its weights are the .bin beside it (realsr_core.ncnn)
+SUPPORTED_EXT = SAFETENSORS_EXT + PICKLE_EXT + NCNN_EXT
 
 # Containers the official releases use, in the order they are tried.  BasicSR writes
 # {'params': ...} and, with EMA, 'params_ema' too; Lightning writes {'state_dict': ...}.
@@ -300,4 +301,9 @@ def load_checkpoint(source: str | os.PathLike[str] | Mapping[str, Any], prefer: 
     """Read a file (or take an in-memory dict) and return its canonical state dict."""
     if isinstance(source, Mapping):
         return canonicalize(source, prefer=prefer)
+    if Path(source).suffix.lower() in NCNN_EXT:
+        from .ncnn import read_ncnn
+
+        _check_path(Path(source))
+        return canonicalize(read_ncnn(source), source=Path(source).name, prefer=prefer)
     return canonicalize(read_file(source), source=Path(source).name, prefer=prefer)

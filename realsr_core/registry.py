@@ -15,12 +15,13 @@ from .errors import CheckpointError, RealSRError, UnsupportedModelError
 
 def architectures() -> list[Architecture]:
     """All architectures, in detection order (more specific key sets first)."""
-    from .models import crlsr, femasr, lway, mmrealsr, stablesr
+    from .models import crlsr, esrgan, femasr, lway, mmrealsr, stablesr
     from .models.stablesr import cfw as stablesr_cfw
 
-    # The VAEs last: "sd_vae" takes any LDM-layout VAE that has no CFW layers.
+    # MM-RealSR before RRDBNet (its generator has RRDBNet's keys and more); the VAEs last: "sd_vae" takes any
+    # LDM-layout VAE that has no CFW layers.
     return [stablesr.ARCHITECTURE, mmrealsr.ARCHITECTURE, crlsr.ARCHITECTURE, femasr.ARCHITECTURE, lway.ARCHITECTURE,
-            *stablesr_cfw.ARCHITECTURES]
+            esrgan.ESRGAN, esrgan.COMPACT, *stablesr_cfw.ARCHITECTURES]
 
 
 def detect(state_dict: StateDict) -> Architecture | None:
@@ -34,7 +35,6 @@ def detect(state_dict: StateDict) -> Architecture | None:
 # Key families of models this pack does not run itself, so the error can say what the file is.
 _FOREIGN_HINTS: tuple[tuple[str, str], ...] = (
     ("model.diffusion_model.input_blocks.0.0.weight", "a Stable Diffusion checkpoint (load it with ComfyUI's checkpoint loader)"),
-    ("conv_first.weight|body.0.rdb1.conv1.weight", "an ESRGAN/RRDBNet upscaler (ComfyUI's 'Load Upscale Model' runs it)"),
     ("model.0.weight|model.1.sub.0.RDB1.conv1.0.weight", "an old-style ESRGAN upscaler (ComfyUI's 'Load Upscale Model' runs it)"),
     ("layers.0.residual_group.blocks.0.norm1.weight", "a SwinIR upscaler (ComfyUI's 'Load Upscale Model' runs it)"),
     ("encoder.down.0.block.0.conv1.weight", "a VAE / autoencoder"),
