@@ -274,6 +274,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """An ncnn (or any ESRGAN / Real-ESRGAN) file -> safetensors with the released key names (spandrel reads it)."""
+    from .training.trainer import save_weights
+
+    src, dst = Path(args.model), Path(args.output)
+    if dst.suffix.lower() != ".safetensors":
+        raise RealSRError(f"-o {dst}: convert writes a .safetensors file")
+    if dst.exists() and not args.overwrite:
+        raise RealSRError(f"refusing to overwrite {dst}; pass --overwrite")
+    desc = load_model(src)
+    if desc.arch not in ("esrgan", "compact"):
+        raise RealSRError(f"{src.name} is a {desc.name}: convert writes ESRGAN / Real-ESRGAN models (RRDBNet, the compact "
+                          "net); `export` writes this pack's models")
+    net = getattr(desc.model, "net", desc.model)  # an output resize (animevideov3-x2/x3) is not part of the file
+    save_weights(dst, net.state_dict(), {"arch": desc.arch, "source": src.name})
+    print(f"{dst}: {desc.name}, {desc.num_params / 1e6:.2f}M parameters, {dst.stat().st_size / 2**20:.1f} MiB", file=sys.stderr)
+    if net is not desc.model:
+        print(f"note: {src.name} resizes the x{net.scale} network's output by {desc.config['output_scale']:g} (bicubic); "
+              f"the file holds the x{net.scale} network, as spandrel and ComfyUI run it", file=sys.stderr)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import train  # lazy: the trainer pulls in the data and degradation modules
 
@@ -361,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)
+    c = sub.add_parser("convert", help="write an ncnn model (x.param + x.bin) or another ESRGAN / Real-ESRGAN file as "
+                                       "safetensors with the released key names (spandrel and ComfyUI read it)")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_convert)
     t = sub.add_parser("train", help="train a model from a TOML config (resumable)")
     t.add_argument("config", help="config file, or the name of a shipped one (e.g. crlsr_x4)")
     t.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
