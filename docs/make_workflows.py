@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOADER_OUTPUTS = [("FeMaSR", "REALSR_FEMASR_MODEL"), ("MM-RealSR", "REALSR_MMREALSR_MODEL"),
                   ("StableSR", "REALSR_STABLESR_MODULE"), ("CFW VAE", "REALSR_CFW_VAE"), ("SR model", "REALSR_MODEL"),
-                  ("LWay module", "REALSR_LWAY_MODULE")]
+                  ("LWay module", "REALSR_LWAY_MODULE"), ("UPSCALE_MODEL", "UPSCALE_MODEL")]
 SAMPLER_INPUTS = [("model", "MODEL"), ("stablesr", "REALSR_STABLESR_MODULE"), ("vae", "VAE"), ("image", "IMAGE"),
                   ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfw_vae", "REALSR_CFW_VAE")]
 

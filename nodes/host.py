@@ -14,6 +14,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import spandrel
 import torch
 from torch import Tensor
 
@@ -22,10 +23,12 @@ from ..realsr_core.adapt import FinetuneResult, finetune
 from ..realsr_core.catalog import missing_file_message
 from ..realsr_core.inference import TileSize
 from ..realsr_core.weights import builtin_models, builtin_path
+from .types import SPANDREL
 
 log = logging.getLogger(__name__)
 
 FOLDER = "realsr"
+NCNN_GRAPH, NCNN_WEIGHTS = ".param", ".bin"  # an ncnn model: x.param (listed, loaded) with x.bin beside it
 
 
 def register_model_folder() -> None:
@@ -35,21 +38,54 @@ def register_model_folder() -> None:
     if default not in paths:
         paths = [*paths, default]
     # add_model_folder_path on a new name would register an empty extension set (= every file).
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
+    extensions = set(folder_paths.supported_pt_extensions) | {NCNN_GRAPH}
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, extensions)
 
 
 BUILTIN = "built-in/"  # prefix of the models shipped inside the pack (realsr_core/weights)
+SEARCHED = (FOLDER, "upscale_models")  # the folders a RealSR model file is looked up in, in this order
+
+
+def _ncnn_graphs(folder: str) -> list[str]:
+    """``.param`` files under ``folder``'s paths (recursive, ``/``-separated names as ComfyUI lists them).
+
+    ``models/upscale_models`` keeps ComfyUI's extension set (its own loader cannot read ncnn files), so
+    the pack scans those folders itself.
+    """
+    found = []
+    for root in folder_paths.get_folder_paths(folder):
+        for dirpath, dirs, files in os.walk(root, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                      for f in files if f.lower().endswith(NCNN_GRAPH)]
+    return found
+
+
+def _ncnn_partner(folder: str, name: str, ext: str) -> bool:
+    """Whether the listed file ``name`` has the file of extension ``ext`` and the same stem beside it."""
+    path = folder_paths.get_full_path(folder, name)
+    return path is not None and os.path.isfile(os.path.splitext(path)[0] + ext)
+
+
+def _folder_files(folder: str) -> list[str]:
+    """One folder's loadable names: checkpoints and ncnn ``.param`` files that have their ``.bin`` beside them.
+
+    The ``.bin`` of an ncnn pair is its weights, not a checkpoint, so it is not listed on its own.
+    """
+    names = set(folder_paths.get_filename_list(folder)) | set(_ncnn_graphs(folder))
+    return sorted(
+        n for n in names
+        if not (n.lower().endswith(NCNN_GRAPH) and not _ncnn_partner(folder, n, NCNN_WEIGHTS))
+        and not (n.lower().endswith(NCNN_WEIGHTS) and _ncnn_partner(folder, n, NCNN_GRAPH))
+    )
 
 
 def model_files() -> list[str]:
-    """The shipped models, then checkpoint names from ``models/realsr`` and ``models/upscale_models``."""
+    """The shipped models, then model names from ``models/realsr`` and ``models/upscale_models``."""
     names = [BUILTIN + n for n in builtin_models()]
-    names += list(folder_paths.get_filename_list(FOLDER))
-    names += [n for n in folder_paths.get_filename_list("upscale_models") if n not in names]
+    for folder in SEARCHED:
+        names += [n for n in _folder_files(folder) if n not in names]
     return names
-
-
-SEARCHED = (FOLDER, "upscale_models")  # the folders a RealSR model file is looked up in, in this order
 
 
 def searched_folders() -> list[str]:
@@ -95,9 +131,65 @@ class NotThisModel:
     file: str
 
 
-def load(name: str) -> RealSRModel:
-    """Load a checkpoint through the core and wrap it for ComfyUI's model management."""
+class NoUpscaleModel:
+    """On the loader's UPSCALE_MODEL output when the file has no spandrel equivalent.
+
+    ComfyUI's 'Upscale Image (using Model)' (and other UPSCALE_MODEL nodes) first read ``.model`` / ``.scale``;
+    here those raise the reason instead of an AttributeError.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(self.reason)
+
+    model = property(_refuse)
+    scale = property(_refuse)
+    to = __call__ = _refuse
+
+    def __repr__(self) -> str:
+        return f"NoUpscaleModel({self.reason!r})"
+
+
+def spandrel_model(desc: ModelDescriptor, name: str) -> Any:
+    """The loader's UPSCALE_MODEL: a spandrel ``ImageModelDescriptor`` built as ComfyUI's 'Load Upscale Model'
+    builds one, from the network's state dict (released key names), or a :class:`NoUpscaleModel`.
+
+    A file whose network is followed by an output resize (ncnn realesr-animevideov3-x2/x3: the x4 network,
+    then a bicubic downscale) is refused: spandrel's model is the network alone, so ComfyUI's node would
+    give x4 while the file is x2 / x3.
+    """
+    if desc.arch not in SPANDREL:
+        return NoUpscaleModel(
+            f"'{name}' is a {desc.name} model: the loader's UPSCALE_MODEL output carries only ESRGAN / "
+            f"Real-ESRGAN models (RRDBNet, compact). Connect its 'SR model' output to 'RealSR Upscale' instead.")
+    if "output_scale" in desc.config:
+        return NoUpscaleModel(
+            f"'{name}' is {desc.name}: ComfyUI's upscale-model nodes run the network alone and would give "
+            f"x{desc.config['scale']}, not the file's x{desc.scale}. Connect the loader's 'SR model' output to "
+            f"'RealSR Upscale' (it applies the resize), or load the x{desc.config['scale']} file for this node "
+            f"and scale its result with 'Upscale Image By'.")
+    instead = "Connect the loader's 'SR model' output to 'RealSR Upscale' instead."
+    try:
+        out = spandrel.ModelLoader().load_from_state_dict(desc.model.state_dict()).eval()
+    except Exception as e:  # a layout the core reads and spandrel does not: the other outputs still work
+        return NoUpscaleModel(f"'{name}' ({desc.name}): spandrel, ComfyUI's upscale-model library, cannot read "
+                              f"it ({' '.join(str(e).split())[:300]}). {instead}")
+    if not isinstance(out, spandrel.ImageModelDescriptor):  # as ComfyUI's loader checks
+        return NoUpscaleModel(f"'{name}' ({desc.name}): spandrel reads it as a {type(out).__name__}, not a "
+                              f"single-image model. {instead}")
+    return out
+
+
+def load(name: str) -> tuple[RealSRModel, Any]:
+    """Load a checkpoint through the core and wrap it for ComfyUI's model management.
+
+    Returns the model and its UPSCALE_MODEL (:func:`spandrel_model`, made from the float32 weights, as
+    ComfyUI's own loader keeps them).
+    """
     desc = load_model(resolve_model_file(name))
+    upscale_model = spandrel_model(desc, name)
     load_device = mm.get_torch_device()
     if load_device.type != "cpu":
         # Half precision on the GPU where the model supports it (FeMaSR keeps its codebook search in fp32).
@@ -105,7 +197,7 @@ def load(name: str) -> RealSRModel:
             desc.to(dtype=torch.float16)
         elif desc.supports_bf16 and mm.should_use_bf16(load_device):
             desc.to(dtype=torch.bfloat16)
-    return wrap(desc, name)
+    return wrap(desc, name), upscale_model
 
 
 def require(model: Any, arch: str | tuple[str, ...], label: str) -> RealSRModel:

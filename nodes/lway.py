@@ -57,7 +57,7 @@ class LWayFinetune(io.ComfyNode):
             category=CATEGORY,
             description=_DESCRIPTION + "Connect the result to 'RealSR Upscale'.",
             inputs=[SRModel.Input("model", tooltip="The 'SR model' output of 'Load RealSR Model' (CRL-SR, FeMaSR, "
-                                  "MM-RealSR)."), *_inputs()],
+                                  "MM-RealSR, ESRGAN / Real-ESRGAN)."), *_inputs()],
             outputs=[SRModel.Output(display_name="model", tooltip="The adapted copy."),
                      io.Image.Output(display_name="loss", tooltip="The loss curve (light: every step, dark: mean).")],
         )

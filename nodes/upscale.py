@@ -16,7 +16,8 @@ class RealSRUpscale(io.ComfyNode):
             display_name="RealSR Upscale",
             category=CATEGORY,
             description="Upscales images with any feed-forward model of the pack (CRL-SR, FeMaSR, MM-RealSR with "
-            "estimated scores), tile by tile. The shipped CRL-SR x4 model needs no download.",
+            "estimated scores, ESRGAN / Real-ESRGAN from .pth, .safetensors or ncnn files), tile by tile. The "
+            "shipped CRL-SR x4 model needs no download.",
             inputs=[
                 SRModel.Input("model", tooltip="The 'SR model' output of 'Load RealSR Model' (e.g. "
                               "built-in/crlsr_x4.safetensors)."),

@@ -24,7 +24,7 @@ from realsr_core.registry import detect
 log = logging.getLogger("realsr")
 
 FOLDER = "RealSR"  # models/RealSR, as the webui names its model folders (models/ESRGAN, models/SwinIR)
-EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin", ".param")  # .param: an ncnn graph, its .bin beside it
 
 # Settings (Settings > Upscaling > RealSR; also /sdapi/v1/options).  Registered when the scripts load, not in
 # an on_ui_settings callback, because an API-only webui (--nowebui) never runs those callbacks.
@@ -63,7 +63,8 @@ def model_files() -> list[Path]:
     out: list[Path] = []
     for d in model_dirs():
         if d.is_dir():
-            out += [p for p in d.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()]
+            out += [p for p in d.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+                    and not (p.suffix.lower() == ".bin" and p.with_suffix(".param").exists())]  # an ncnn model's weights
     return sorted(out, key=lambda p: p.name.lower())
 
 

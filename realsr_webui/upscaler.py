@@ -1,7 +1,7 @@
 """Every feed-forward model the core loads, as a webui upscaler (Extras, hires fix, "SD upscale").
 
-The shipped CRL-SR x4 and each FeMaSR / MM-RealSR / CRL-SR file in ``models/RealSR`` become one
-``UpscalerData``.  ``do_upscale`` hands the image to :func:`realsr_core.upscale`: the core's tiler (tile size
+The shipped CRL-SR x4 and each FeMaSR / MM-RealSR / CRL-SR / ESRGAN / Real-ESRGAN file in ``models/RealSR``
+(``.pth``, ``.safetensors``, or an ncnn ``.param`` with its ``.bin``) become one ``UpscalerData``.  ``do_upscale`` hands the image to :func:`realsr_core.upscale`: the core's tiler (tile size
 and overlap from the webui's settings), the webui's device and half precision, progress and Interrupt through
 the job state.  One model is kept loaded; choosing another releases it.  The Extras controls
 (:mod:`realsr_webui.extras`) hand their options to the next call through :data:`NEXT`.
@@ -26,7 +26,7 @@ from realsr_core.weights import DEFAULT_MODEL, builtin_path
 
 from . import host
 
-FEED_FORWARD = ("femasr", "mmrealsr", "crlsr")
+FEED_FORWARD = ("femasr", "mmrealsr", "crlsr", "esrgan", "compact")
 BUILTIN_NAME = "RealSR CRL-SR x4 (built-in)"
 LWAY_MODULE = "lway_rec.safetensors"
 

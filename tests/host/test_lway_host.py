@@ -64,13 +64,13 @@ def test_lway_nodes_registered_with_tooltips(comfy) -> None:
         assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     loader = comfy.nodes[f"{PREFIX}LoadModel"].define_schema()
     assert "built-in/lway_rec.safetensors" in loader.inputs[0].options
-    assert loader.outputs[-1].get_io_type() == "REALSR_LWAY_MODULE"
+    assert [o.get_io_type() for o in loader.outputs[5:]] == ["REALSR_LWAY_MODULE", "UPSCALE_MODEL"]
 
 
 def test_finetune_our_model_under_inference_mode(comfy, models) -> None:
     mm = comfy.model_management
     sr, lway_outputs = models
-    assert [type(o).__name__ for o in lway_outputs] == ["NotThisModel"] * 5 + ["RealSRModel"]
+    assert [type(o).__name__ for o in lway_outputs] == ["NotThisModel"] * 5 + ["RealSRModel", "NoUpscaleModel"]
     before = _snapshot(sr.desc.model)
     x = bhwc(skimage_photo("chelsea")[:, :, 40:88, 100:164])
     ticks: list[tuple[int, int]] = []

@@ -43,7 +43,7 @@ def test_loader_lists_files_and_types_outputs(comfy, loaded) -> None:
     assert files[0] == "built-in/crlsr_x4.safetensors"  # the shipped model first: it needs no download
     assert [o.get_io_type() for o in schema.outputs] == ["REALSR_FEMASR_MODEL", "REALSR_MMREALSR_MODEL",
                                                           "REALSR_STABLESR_MODULE", "REALSR_CFW_VAE", "REALSR_MODEL",
-                                                          "REALSR_LWAY_MODULE"]
+                                                          "REALSR_LWAY_MODULE", "UPSCALE_MODEL"]
     assert loaded["femasr"].desc.name == "FeMaSR x4"
     assert type(loaded["femasr_outputs"][1]).__name__ == "NotThisModel"
 
@@ -84,7 +84,8 @@ def test_femasr_upscale_under_model_management(comfy, loaded) -> None:
 def test_generic_upscale_runs_the_shipped_model_and_any_feed_forward_family(comfy, loaded) -> None:
     mm = comfy.model_management
     outs = _out(comfy.nodes[f"{PREFIX}LoadModel"].execute(model_name="built-in/crlsr_x4.safetensors"))
-    assert [type(o).__name__ for o in outs] == ["NotThisModel"] * 4 + ["RealSRModel", "NotThisModel"]
+    assert [type(o).__name__ for o in outs] == ["NotThisModel"] * 4 + ["RealSRModel", "NotThisModel",
+                                                   "NoUpscaleModel"]
     assert outs[4].arch == "crlsr" and outs[4].desc.scale == 4
     node = comfy.nodes[f"{PREFIX}Upscale"]
     x = bhwc(skimage_photo("chelsea")[:, :, 40:88, 100:164])

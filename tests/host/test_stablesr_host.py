@@ -133,7 +133,8 @@ def test_schema_and_loader_outputs(comfy) -> None:
     loader = comfy.nodes[f"{PREFIX}LoadModel"].define_schema()
     types = [o.get_io_type() for o in loader.outputs]
     assert types[:2] == ["REALSR_FEMASR_MODEL", "REALSR_MMREALSR_MODEL"]  # old links keep their slots
-    assert types[2:] == ["REALSR_STABLESR_MODULE", "REALSR_CFW_VAE", "REALSR_MODEL", "REALSR_LWAY_MODULE"]
+    assert types[2:] == ["REALSR_STABLESR_MODULE", "REALSR_CFW_VAE", "REALSR_MODEL", "REALSR_LWAY_MODULE",
+                         "UPSCALE_MODEL"]
 
 
 def test_ddpm_through_comfyui_matches_official_run(comfy, pack, models) -> None:

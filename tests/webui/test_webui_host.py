@@ -13,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import ROOT
 from PIL import Image
-from webui_host import SD_FILE, V768_FILE, b64png, decode, photo, sd21_file, to_tensor
+from webui_host import NCNN_MODEL, SD_FILE, V768_FILE, b64png, decode, photo, sd21_file, to_tensor
 
 from realsr_core import color_fix, load_model, upscale
 
@@ -58,6 +59,8 @@ def img2img(webui, image, *, seed: int = 11, script_args: list | None = None) ->
 def test_upscalers_listed(webui) -> None:
     names = [u["name"] for u in webui.ok("GET", "/sdapi/v1/upscalers")]
     assert {BUILTIN, "RealSR FeMaSR_SRX4_model_g", "RealSR MMRealSRGAN"} <= set(names)
+    if (webui.models / f"{NCNN_MODEL}.param").exists():  # an ncnn file (Real-ESRGAN's compact net) is one too
+        assert f"RealSR {NCNN_MODEL}" in names
     # The StableSR module and the CFW VAE are not upscalers: only the StableSR script lists them.
     assert not any("stablesr" in n.lower() or "cfw" in n.lower() for n in names)
 
@@ -74,11 +77,13 @@ def test_builtin_upscaler_gives_the_command_lines_pixels(webui, tmp_path) -> Non
     assert levels(out, cli) <= 1
 
 
-@pytest.mark.parametrize("name", ["FeMaSR_SRX4_model_g", "MMRealSRGAN"])
-def test_official_layout_stand_ins_run(webui, name: str) -> None:
+@pytest.mark.parametrize("name", ["FeMaSR_SRX4_model_g.pth", "MMRealSRGAN.pth", f"{NCNN_MODEL}.param"])
+def test_official_layout_stand_ins_and_an_ncnn_file_run(webui, name: str) -> None:
+    if not (webui.models / name).exists():
+        pytest.skip(f"no {name}: tests/test_ncnn.py says where the ncnn files come from")
     image = photo(200, 100, 32, 24)
-    out = decode(extras(webui, image, f"RealSR {name}")["image"])
-    desc = load_model(webui.models / f"{name}.pth")
+    out = decode(extras(webui, image, f"RealSR {Path(name).stem}")["image"])
+    desc = load_model(webui.models / name)
     ref = upscale(desc, to_tensor(image)).image
     ref = (ref[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert levels(out, ref) <= 1

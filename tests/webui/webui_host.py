@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -58,8 +59,15 @@ def sd21_file(name: str = SD_FILE) -> Path:
     return out
 
 
+NCNN_DIR = Path(os.environ.get("REALSR_NCNN_MODELS") or Path.home() / ".cache" / "realsr-tests" / "ncnn")
+NCNN_MODEL = "realesr-animevideov3-x4"  # Real-ESRGAN's compact net as an ncnn file (tests/test_ncnn.py)
+
+
 def write_models(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    for ext in (".param", ".bin"):
+        if (NCNN_DIR / f"{NCNN_MODEL}{ext}").exists():
+            shutil.copy(NCNN_DIR / f"{NCNN_MODEL}{ext}", folder)
     for name, (fixture, wrapper) in MODEL_FILES.items():
         if wrapper is None:
             wrapper = make_weights.load_manifest(str(ROOT / "tests" / "fixtures" / fixture / "manifest.json"))["wrapper"]
