@@ -124,7 +124,9 @@ def run(p, module: str, cfw: str, upscale: float, sampler: str, steps: int, tile
     def unet_fn(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor | None, c: object, _sft: object) -> torch.Tensor:
         cond[0] = c  # read by the SFT-modulated ResBlocks during this call
         try:
-            return unet(x, t, context=ctx)
+            # A fresh transformer_options per call: Forge's UNet writes into it (its default is a shared dict);
+            # ldm's UNet (AUTOMATIC1111) takes and ignores it.
+            return unet(x, t, context=ctx, transformer_options={})
         finally:
             cond[0] = None
 
