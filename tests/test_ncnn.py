@@ -7,14 +7,13 @@ The files are looked up in ``REALSR_NCNN_MODELS`` or ``~/.cache/realsr-tests/ncn
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import skimage_photo
+from helpers import NCNN_DIR, skimage_photo
 from safetensors.torch import load_file
 
 from realsr_core import load_model, upscale
@@ -24,7 +23,6 @@ from realsr_core.errors import CheckpointError, UnsupportedModelError
 from realsr_core.ncnn import read_graph
 from realsr_core.weights import builtin_path
 
-NCNN_DIR = Path(os.environ.get("REALSR_NCNN_MODELS") or Path.home() / ".cache" / "realsr-tests" / "ncnn")
 SMALL = ["realesrgan-x4plus-anime", "realesr-animevideov3-x4", "realesr-animevideov3-x2", "realesr-animevideov3-x3"]
 
 

@@ -8,7 +8,6 @@ The files are looked up in ``$REALSR_NCNN_MODELS`` (a folder holding the .param 
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_host import bhwc
-from helpers import skimage_photo
+from helpers import NCNN_DIR, skimage_photo
 from safetensors.torch import save_file
 
 PREFIX = "RealSR_"
@@ -38,12 +37,8 @@ def _out(result):
     return result.result if hasattr(result, "result") else result
 
 
-def _ncnn_dir() -> Path:
-    return Path(os.environ.get("REALSR_NCNN_MODELS") or Path.home() / ".cache" / "realsr-tests" / "ncnn")
-
-
 def _need(*stems: str) -> Path:
-    folder = _ncnn_dir()
+    folder = NCNN_DIR
     missing = [f"{s}{ext}" for s in stems for ext in (".param", ".bin") if not (folder / f"{s}{ext}").is_file()]
     if missing:
         pytest.skip(f"Real-ESRGAN ncnn files {missing} not in {folder}: set REALSR_NCNN_MODELS to a folder holding "

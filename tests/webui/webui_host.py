@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, fixture_state_dict, make_weights
+from helpers import NCNN_DIR, ROOT, fixture_state_dict, make_weights
 from PIL import Image
 
 HOSTS = {
@@ -59,7 +59,6 @@ def sd21_file(name: str = SD_FILE) -> Path:
     return out
 
 
-NCNN_DIR = Path(os.environ.get("REALSR_NCNN_MODELS") or Path.home() / ".cache" / "realsr-tests" / "ncnn")
 NCNN_MODEL = "realesr-animevideov3-x4"  # Real-ESRGAN's compact net as an ncnn file (tests/test_ncnn.py)
 
 

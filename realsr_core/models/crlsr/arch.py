@@ -9,9 +9,17 @@ the inference-only network, and every other tensor (the training-only parts) is 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, check_weights, has_all, shape_of
+from ...descriptor import (
+    Architecture,
+    ModelDescriptor,
+    StateDict,
+    check_layout,
+    check_weights,
+    has_all,
+    own_weight,
+    shape_of,
+)
 from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import CRLSR, INFERENCE_PREFIXES, SCALES
@@ -107,12 +115,6 @@ def infer_config(state_dict: StateDict) -> dict[str, int]:
     return config
 
 
-def _own(t: Tensor) -> Tensor:
-    """A fresh float32 CPU copy (4-D conv weights channels_last, the layout the CPU path runs in)."""
-    fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
-    return t.detach().to(device="cpu", dtype=torch.float32, memory_format=fmt, copy=True)
-
-
 def load(state_dict: StateDict) -> ModelDescriptor:
     """Build the CRL-SR inference network from a canonical state dict, inferring its configuration.
 
@@ -134,7 +136,7 @@ def load(state_dict: StateDict) -> ModelDescriptor:
               f"{config['ref_blocks']} refinement blocks")
     check_layout("CRL-SR", layout, expected, state_dict, unknown)
     check_weights("CRL-SR", expected, state_dict)
-    model.load_state_dict({k: _own(state_dict[k]) for k in expected}, strict=True, assign=True)
+    model.load_state_dict({k: own_weight(state_dict[k]) for k in expected}, strict=True, assign=True)
     model.requires_grad_(False)  # inference only; also lets the fused CPU kernels run with grad mode on
     scale = config["scale"]
     return ModelDescriptor(

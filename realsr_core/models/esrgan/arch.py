@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...descriptor import Architecture, ModelDescriptor, StateDict, check_layout, check_weights, has_all, shape_of
+from ...descriptor import (
+    Architecture,
+    ModelDescriptor,
+    StateDict,
+    check_layout,
+    check_weights,
+    has_all,
+    own_weight,
+    shape_of,
+)
 from ...descriptor import count_indexed as _count
 from ...errors import UnsupportedModelError
 from .network import RRDBNet, SRVGGNetCompact
@@ -36,19 +45,13 @@ class OutputResize(nn.Module):
         return F.interpolate(y, size=size, mode="bicubic", align_corners=False)
 
 
-def _own(t: Tensor) -> Tensor:
-    """A fresh float32 CPU copy (4-D weights channels_last, the layout the fused CPU path runs in)."""
-    fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
-    return t.detach().to(device="cpu", dtype=torch.float32, memory_format=fmt, copy=True)
-
-
 def _descriptor(model: nn.Module, state_dict: StateDict, arch: str, name: str, config: dict,
                 bytes_per_px: float, size_multiple: int = 1) -> ModelDescriptor:
     expected = model.state_dict()
     extra = [k for k in state_dict if k not in expected and k != OUTPUT_SCALE_KEY]
     check_layout(name, str(config), expected, state_dict, extra)
     check_weights(name, expected, state_dict)
-    model.load_state_dict({k: _own(state_dict[k]) for k in expected}, strict=True, assign=True)
+    model.load_state_dict({k: own_weight(state_dict[k]) for k in expected}, strict=True, assign=True)
     model.requires_grad_(False)
     factor = float(state_dict[OUTPUT_SCALE_KEY]) if OUTPUT_SCALE_KEY in state_dict else 1.0
     scale = config["scale"]
