@@ -26,9 +26,8 @@ from PIL import Image
 
 from . import imageio, jobs
 from .catalog import missing_file_message
-from .descriptor import ModelDescriptor
 from .errors import CheckpointError, RealSRError, RealSRWarning
-from .inference import compute_dtype, resolve_device, upscale
+from .inference import resolve_device
 from .registry import load_model
 from .weights import builtin_path
 
@@ -77,6 +76,12 @@ def _non_negative(value: str) -> int:
     return int(value)
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def _bytes(value: str) -> int:
     """'1G', '512M', '2.5GiB' or a number of bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
@@ -91,16 +96,6 @@ class _Interrupted(Exception):
 
 def _warn_line(message: Warning | str, *_args: object, **_kwargs: object) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _model_options(desc: ModelDescriptor, args: argparse.Namespace) -> dict[str, float]:
-    """The degradation scores the model takes; given ones it does not take are reported, not silently dropped."""
-    given = {k: getattr(args, k) for k in ("blur", "noise") if getattr(args, k) is not None}
-    ignored = [f"--{k}" for k in given if k not in desc.option_names()]
-    if ignored:
-        warnings.warn(f"{' and '.join(ignored)} ignored: {desc.name} takes no degradation scores (MM-RealSR does)",
-                      RealSRWarning, stacklevel=2)
-    return {k: v for k, v in given.items() if k in desc.option_names()}
 
 
 def _report(outcome: jobs.Outcome) -> None:
@@ -122,30 +117,49 @@ def _require_files(*paths: str | None) -> None:
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     # Every refusal that needs no model comes first: nothing is loaded or run for a job that cannot finish.
-    plan = jobs.plan_job(args.input, args.output, keep_ext=args.keep_ext)
+    job = jobs.UpscaleJob(
+        input=args.input, output=args.output, model=args.model, tile=args.tile, overlap=args.overlap,
+        memory_budget=args.memory_budget, device=args.device, half=args.half, threads=args.threads,
+        options=tuple((k, getattr(args, k)) for k in ("blur", "noise") if getattr(args, k) is not None),
+        overwrite=args.overwrite, keep_ext=args.keep_ext, max_pixels=args.max_pixels or None)
+    plan = job.plan()
     _require_files(args.model)
-    device = resolve_device(args.device)
-    desc = load_model(args.model or builtin_path(), device=device)
-    # The command line owns its model, so it is cast once rather than copied per image.
-    desc.to(dtype=compute_dtype(desc, device, torch.float16 if args.half else None))
-    options = _model_options(desc, args)
-    print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {device} ({str(desc.dtype)[6:]})", file=sys.stderr)
-
-    def run(image: torch.Tensor, task: jobs.Task) -> tuple[torch.Tensor, str]:
-        bar = ProgressBar(task.rel)
-        try:
-            result = upscale(desc, image, tile=args.tile, overlap=args.overlap, device=device, dtype=desc.dtype,
-                             progress=bar, memory_budget=args.memory_budget, **options)
-        finally:
-            bar.close()
-        info = {k: v.flatten().tolist() for k, v in result.context[0].items() if isinstance(v, torch.Tensor)}
-        return result.image, _size(result.image) + (f" {json.dumps(info)}" if info else "")
-
-    return _run_files(plan, run, desc.scale, args)
+    if args.ray is not None:
+        return _run_on_ray(job, plan, args)
+    runner = jobs.ModelRunner(job, progress=lambda task: ProgressBar(task.rel))
+    desc = runner.desc
+    print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {runner.device} ({str(desc.dtype)[6:]})",
+          file=sys.stderr)
+    return _run_files(plan, runner, desc.scale, args)
 
 
-def _size(image: torch.Tensor) -> str:
-    return f"({image.shape[-1]}x{image.shape[-2]})"
+def _run_on_ray(job: jobs.UpscaleJob, plan: jobs.Plan, args: argparse.Namespace) -> int:
+    """The same job on Ray Data: the model is checked here (refusals before the cluster starts), run by the workers."""
+    from .ray_executor import run_on_ray
+
+    desc = load_model(args.model or builtin_path())  # refuses a bad file here, not in every worker
+    print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters, {len(plan.tasks)} images on Ray ({args.ray})",
+          file=sys.stderr)
+    for line in jobs.describe_ignored(plan.ignored):
+        print(line, file=sys.stderr)
+    total, seen = len(plan.tasks), [0]
+
+    def report(outcome: jobs.Outcome) -> None:
+        seen[0] += 1
+        print(f"[{seen[0]}/{total}] ", end="", file=sys.stderr)
+        _report(outcome)
+
+    try:
+        summary = run_on_ray(job, plan, scale=desc.scale, address=args.ray, workers=args.workers,
+                             cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, report=report,
+                             describe=lambda line: print(line, file=sys.stderr))
+    except (KeyboardInterrupt, _Interrupted):
+        print(f"interrupted: {seen[0]} of {total} images finished and kept, no partial file left; "
+              "run the same command again to do the rest", file=sys.stderr)
+        return jobs.EXIT_INTERRUPTED
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return summary.exit_code
 
 
 def _run_files(plan: jobs.Plan, upscale_fn: jobs.UpscaleFn, scale: float, args: argparse.Namespace) -> int:
@@ -222,7 +236,7 @@ def cmd_stablesr(args: argparse.Namespace) -> int:
             out = torch.cat([out if image.shape[1] == 4 else out.mean(1, keepdim=True), alpha.clamp(0, 1)], 1)
         elif image.shape[1] == 1:
             out = out.mean(1, keepdim=True)
-        return out, f"{_size(out)} seed {options.seed}"
+        return out, f"{jobs.size_note(out)} seed {options.seed}"
 
     return _run_files(plan, run, options.upscale, args)
 
@@ -327,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory 'auto' tiles may use, e.g. 2G (default: 1G on a CPU, 80%% of free memory on a GPU)")
     u.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     u.add_argument("--half", action="store_true", help="half precision (float16 on GPU, bfloat16 on CPU)")
+    u.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for the model (default: torch's choice; on Ray: --cpus-per-worker)")
     u.add_argument("--blur", type=_parse_score, default=None, help="MM-RealSR blur score in [0, 1] or 'auto'")
     u.add_argument("--noise", type=_parse_score, default=None, help="MM-RealSR noise score in [0, 1] or 'auto'")
     u.add_argument("--overwrite", action="store_true",
@@ -336,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-pixels", type=_non_negative, default=imageio.DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse larger inputs, a guard against decompression bombs (default {imageio.DEFAULT_MAX_PIXELS}, "
                         "0 for no limit)")
+    r = u.add_argument_group("many machines (pip install ray[data]; see the README)")
+    r.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on Ray: 'auto' (the cluster this machine belongs to, else a new local one) or a "
+                        "cluster address (HOST:6379, ray://HOST:10001)")
+    r.add_argument("--workers", type=_positive, default=None,
+                   help="model-holding workers (default: one per GPU, else one per --cpus-per-worker CPUs)")
+    r.add_argument("--cpus-per-worker", type=_positive, default=1, help="CPU threads of each worker (default 1)")
+    r.add_argument("--batch-size", type=_positive, default=4, help="images per request to a worker (default 4)")
     u.set_defaults(func=cmd_upscale)
     st = sub.add_parser("stablesr", help="StableSR on your SD 2.1 checkpoint: an image file or a folder",
                         epilog="Exit status as for upscale.  Files are read as released: SD 2.1 512 / 768-v "

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
+import torch
 from torch import Tensor
 
 from . import imageio
-from .errors import InvalidInputError, RealSRError
+from .errors import InvalidInputError, RealSRError, RealSRWarning
 from .files import PARTIAL_MARK
 
 # Exit codes of the command line (and of any job runner that reports one).
@@ -85,6 +88,103 @@ class Summary:
         if self.ignored:
             head += f", {len(self.ignored)} ignored (not images)"
         return [head] + [f"  failed: {o.failure()}" for o in self.outcomes if o.status == "failed"]
+
+
+@dataclass(frozen=True)
+class UpscaleJob:
+    """A feed-forward upscale job on files, described once for every executor (this process, or Ray workers).
+
+    Plain values only: it is pickled to the workers, each of which builds its own :class:`ModelRunner`.
+
+    Args:
+        input, output: as :func:`plan_job` takes them.
+        model: checkpoint path; None for the shipped CRL-SR x4.
+        tile, overlap, memory_budget: as :func:`realsr_core.upscale` takes them.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...; None: CUDA when available.
+        half: float16 on a GPU, bfloat16 on a CPU.
+        threads: CPU threads for the model (None: torch's default); equal thread counts give equal bytes.
+        options: the model's user options (MM-RealSR ``blur`` / ``noise``) as (name, value) pairs.
+        overwrite, keep_ext, max_pixels: as :func:`plan_job` and :func:`run_task` take them.
+    """
+
+    input: str
+    output: str
+    model: str | None = None
+    tile: int | str | None = "auto"
+    overlap: int = 16
+    memory_budget: int | None = None
+    device: str | None = None
+    half: bool = False
+    threads: int | None = None
+    options: tuple[tuple[str, float], ...] = ()
+    overwrite: bool = False
+    keep_ext: bool = False
+    max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS
+
+    def plan(self) -> Plan:
+        return plan_job(self.input, self.output, keep_ext=self.keep_ext)
+
+
+class TileProgress(Protocol):
+    def __call__(self, done: int, total: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ModelRunner:
+    """The job's model, loaded once in this process, as the ``upscale_fn`` of :func:`run_task`.
+
+    Args:
+        job: the job (model file, device, dtype, tiles, options).
+        progress: ``progress(task)`` gives a per-tile progress bar for one image (closed after it), or None.
+
+    Raises:
+        RealSRError: the model file is unreadable or not a feed-forward upscaler.
+    """
+
+    def __init__(self, job: UpscaleJob, progress: Callable[[Task], TileProgress] | None = None) -> None:
+        from .inference import compute_dtype, resolve_device
+        from .registry import load_model
+        from .weights import builtin_path
+
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        self.job, self.progress = job, progress
+        self.device = resolve_device(job.device)
+        self.desc = load_model(job.model or builtin_path(), device=self.device)
+        # The runner owns its model, so it is cast once rather than copied per image.
+        self.desc.to(dtype=compute_dtype(self.desc, self.device, torch.float16 if job.half else None))
+        given = dict(job.options)
+        ignored = [f"--{k}" for k in given if k not in self.desc.option_names()]
+        if ignored:
+            warnings.warn(f"{' and '.join(ignored)} ignored: {self.desc.name} takes no degradation scores "
+                          "(MM-RealSR does)", RealSRWarning, stacklevel=2)
+        self.options = {k: v for k, v in given.items() if k in self.desc.option_names()}
+
+    @property
+    def scale(self) -> float:
+        return self.desc.scale
+
+    def __call__(self, image: Tensor, task: Task) -> tuple[Tensor, str]:
+        import json
+
+        from .inference import upscale
+
+        bar = self.progress(task) if self.progress is not None else None
+        try:
+            result = upscale(self.desc, image, tile=self.job.tile, overlap=self.job.overlap, device=self.device,
+                             dtype=self.desc.dtype, progress=bar, memory_budget=self.job.memory_budget,
+                             **self.options)
+        finally:
+            if bar is not None:
+                bar.close()
+        info = {k: v.flatten().tolist() for k, v in result.context[0].items() if isinstance(v, Tensor)}
+        return result.image, size_note(result.image) + (f" {json.dumps(info)}" if info else "")
+
+
+def size_note(image: Tensor) -> str:
+    """``(WxH)`` of a result, for the per-image report."""
+    return f"({image.shape[-1]}x{image.shape[-2]})"
 
 
 # ---------------------------------------------------------------------------- planning
@@ -248,10 +348,33 @@ def run_task(task: Task, upscale_fn: UpscaleFn, *, root: Path, scale: float, ove
     return Outcome(task, "done", note)
 
 
+def remove_partials(plan: Plan) -> int:
+    """Delete the hidden temporary files that killed writers left beside this job's outputs; returns how many.
+
+    A write is atomic (``files.atomic_write``), but a process killed outright (SIGKILL, a lost machine)
+    cannot remove its temporary ``.NAME.realsr-partial-XXXX`` file.  Only such files named after one of
+    this job's results are removed; nothing else in the output folders is touched.
+    """
+    names: defaultdict[Path, set[str]] = defaultdict(set)
+    for t in plan.tasks:
+        names[t.dst.parent].add(t.dst.name)
+    removed = 0
+    for folder, wanted in names.items():
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for entry in os.scandir(folder):
+            base = entry.name[1:].partition(PARTIAL_MARK)
+            if entry.name.startswith(".") and base[1] and base[0] in wanted and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def run_job(plan: Plan, upscale_fn: UpscaleFn, *, scale: float, overwrite: bool = False,
             max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS,
             report: Callable[[Outcome], None] | None = None) -> Summary:
     """Run every task of a plan in order on this machine; ``report`` sees each outcome as it happens."""
+    remove_partials(plan)
     summary = Summary(ignored=list(plan.ignored))
     for task in plan.tasks:
         outcome = run_task(task, upscale_fn, root=plan.output_root, scale=scale, overwrite=overwrite,
