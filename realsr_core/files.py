@@ -6,18 +6,21 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .storage import UriPath
 
 # Marks the hidden temporary file of a write in progress (``.NAME.realsr-partial-XXXX``).
 PARTIAL_MARK = ".realsr-partial-"
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool = True) -> None:
+def atomic_write(path: str | os.PathLike[str] | UriPath, write: Callable[[BinaryIO], None], *, overwrite: bool = True) -> None:
     """Write a file so that readers see either the old file (or none) or the complete new one, never a part.
 
-    ``write`` fills a hidden temporary file beside ``path``; it is flushed to disk and moved over ``path``
+    ``path`` may be a :class:`storage.UriPath` (see there).  ``write`` fills a hidden temporary file beside ``path``; it is flushed to disk and moved over ``path``
     with ``os.replace`` (atomic on POSIX and Windows).  On any exception, KeyboardInterrupt included, the
     temporary file is removed and ``path`` is left as it was.
 
@@ -25,6 +28,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         InvalidInputError: ``path`` is a symbolic link (never written through or replaced), or exists and
             ``overwrite`` is False.
     """
+    from .storage import UriPath
+
+    if isinstance(path, UriPath):
+        if not overwrite and path.exists():
+            raise InvalidInputError(f"{path}: exists; refusing to overwrite it")
+        path.atomic_write(write, PARTIAL_MARK)
+        return
     p = Path(path)
     if p.is_symlink():
         raise InvalidInputError(f"{p}: is a symbolic link (to {os.readlink(p)}); refusing to write through or "

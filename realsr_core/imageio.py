@@ -9,7 +9,9 @@ image, and a symbolic link is never written through.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from contextlib import nullcontext
+from pathlib import PurePath
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +20,14 @@ from torch import Tensor
 
 from .errors import InvalidInputError
 from .files import atomic_write
+from .storage import UriPath
+
+ImagePath = str | os.PathLike[str] | UriPath
+
+
+def _source(path: ImagePath) -> Any:
+    """What Pillow opens: the path itself, or an open file for a URI (closed by the ``with``)."""
+    return path.open("rb") if isinstance(path, UriPath) else nullcontext(path)
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Extensions Pillow writes, and the format each names (the temporary file's name cannot tell Pillow).
@@ -27,7 +37,7 @@ WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 DEFAULT_MAX_PIXELS: int = 89_478_485
 
 
-def check_pixel_limit(path: str | os.PathLike[str], width: int, height: int, max_pixels: int | None) -> None:
+def check_pixel_limit(path: ImagePath, width: int, height: int, max_pixels: int | None) -> None:
     """Refuse an image larger than ``max_pixels`` (None or 0: no limit) before it is decoded."""
     if max_pixels and width * height > max_pixels:
         raise InvalidInputError(
@@ -37,7 +47,7 @@ def check_pixel_limit(path: str | os.PathLike[str], width: int, height: int, max
         )
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor:
+def load_image(path: ImagePath, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor:
     """Read an image file as (1, C, H, W) float32 in [0, 1].
 
     Gray stays 1 channel (2 with alpha), colour is RGB (RGBA with alpha); EXIF orientation is applied, so
@@ -51,7 +61,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
         InvalidInputError: unreadable, truncated, animated / multi-page, or over ``max_pixels``.
     """
     try:
-        with Image.open(path) as im:
+        with _source(path) as src, Image.open(src) as im:
             check_pixel_limit(path, *im.size, max_pixels)
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
@@ -84,10 +94,10 @@ def _palette_is_gray(im: Image.Image) -> bool:
     return bool(len(rgb)) and bool((rgb == rgb[:, :1]).all())
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+def image_size(path: ImagePath) -> tuple[int, int] | None:
     """(width, height) of a readable image as a viewer shows it (EXIF rotation applied), else None."""
     try:
-        with Image.open(path) as im:
+        with _source(path) as src, Image.open(src) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -95,10 +105,10 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def is_complete_image(path: str | os.PathLike[str], size: tuple[int, int]) -> bool:
+def is_complete_image(path: ImagePath, size: tuple[int, int]) -> bool:
     """True when ``path`` decodes fully to an image of ``size`` (width, height): a finished result."""
     try:
-        with Image.open(path) as im:
+        with _source(path) as src, Image.open(src) as im:
             if im.size != tuple(size):
                 return False
             im.load()
@@ -107,9 +117,9 @@ def is_complete_image(path: str | os.PathLike[str], size: tuple[int, int]) -> bo
         return False
 
 
-def check_output_path(path: str | os.PathLike[str]) -> str:
+def check_output_path(path: ImagePath) -> str:
     """The Pillow format for an output path, or InvalidInputError naming the known extensions."""
-    ext = Path(path).suffix.lower()
+    ext = PurePath(str(path)).suffix.lower()
     if ext not in WRITE_FORMATS:
         raise InvalidInputError(
             f"{path}: unknown output type {ext or '(no extension)'!r}; use one of {', '.join(WRITE_FORMATS)}"
@@ -118,7 +128,7 @@ def check_output_path(path: str | os.PathLike[str]) -> str:
     return WRITE_FORMATS[ext]
 
 
-def save_image(image: Tensor, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+def save_image(image: Tensor, path: ImagePath, *, overwrite: bool = False) -> None:
     """Write (1, C, H, W) or (C, H, W) in [0, 1] as 8-bit, atomically; the format follows the extension.
 
     The file is written as a hidden temporary file in the same folder and renamed over ``path`` when

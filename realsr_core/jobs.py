@@ -20,7 +20,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal, Protocol
 
 import torch
@@ -29,6 +29,10 @@ from torch import Tensor
 from . import imageio
 from .errors import InvalidInputError, RealSRError, RealSRWarning
 from .files import PARTIAL_MARK
+from .storage import UriPath, as_path
+
+# A local file or folder, or one named by a URI (storage.UriPath: object stores, HDFS, ...).
+AnyPath = Path | UriPath
 
 # Exit codes of the command line (and of any job runner that reports one).
 EXIT_OK = 0
@@ -43,8 +47,8 @@ Status = Literal["done", "skipped", "failed"]
 class Task:
     """One input image and the file its result goes to (``rel``: the input's path inside the job's input)."""
 
-    src: Path
-    dst: Path
+    src: AnyPath
+    dst: AnyPath
     rel: str
 
 
@@ -53,7 +57,7 @@ class Plan:
     """What a job will do: ``tasks`` in order, and files of the input folder that are not images (with why)."""
 
     tasks: list[Task]
-    output_root: Path
+    output_root: AnyPath
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -191,13 +195,32 @@ def size_note(image: Tensor) -> str:
 
 
 def _is_folder_target(output: str) -> bool:
-    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+    return output.partition("?")[0].endswith(("/", os.sep)) or as_path(output).is_dir()
 
 
-def _walk(root: Path, skip: Path | None) -> tuple[list[Path], list[tuple[str, str]]]:
+def _keep(rel: str, name: str, ignored: list[tuple[str, str]]) -> bool:
+    """Whether a file is an input image; if not, why is added to ``ignored``."""
+    if PARTIAL_MARK in name:
+        ignored.append((rel, "an unfinished result of an interrupted job"))
+    elif PurePath(name).suffix.lower() not in imageio.IMAGE_EXT:
+        ignored.append((rel, f"not an image type ({PurePath(name).suffix or 'no extension'})"))
+    else:
+        return True
+    return False
+
+
+def _walk(root: AnyPath, skip: AnyPath | None) -> tuple[list[AnyPath], list[tuple[str, str]]]:
     """Image files under ``root`` (sorted, subfolders included) and what was left out, with why."""
-    files: list[Path] = []
+    files: list[AnyPath] = []
     ignored: list[tuple[str, str]] = []
+    if isinstance(root, UriPath):
+        for p in root.walk_files():
+            rel = p.relative_to(root)
+            if isinstance(skip, UriPath) and p.path.startswith(skip.path + "/"):
+                continue  # the job's own output folder, inside its input folder
+            if _keep(str(rel), p.name, ignored):
+                files.append(p)
+        return files, ignored
     for folder, dirs, names in os.walk(root, followlinks=False):
         here = Path(folder)
         keep = []
@@ -212,12 +235,7 @@ def _walk(root: Path, skip: Path | None) -> tuple[list[Path], list[tuple[str, st
         dirs[:] = keep
         for n in sorted(names):
             p = here / n
-            rel = str(p.relative_to(root))
-            if PARTIAL_MARK in n:
-                ignored.append((rel, "an unfinished result of an interrupted job"))
-            elif p.suffix.lower() not in imageio.IMAGE_EXT:
-                ignored.append((rel, f"not an image type ({p.suffix or 'no extension'})"))
-            else:
+            if _keep(str(p.relative_to(root)), n, ignored):
                 files.append(p)
     return files, ignored
 
@@ -229,8 +247,11 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: AnyPath) -> None:
     """Refuse an output folder that cannot be created or written, by trying (permission bits lie to root)."""
+    if isinstance(folder, UriPath):
+        folder.check_writable()
+        return
     base = _nearest_existing(folder)
     if not base.is_dir():
         raise InvalidInputError(f"cannot write to {folder}: {base} is a file, not a folder")
@@ -241,7 +262,7 @@ def check_writable(folder: Path) -> None:
         raise InvalidInputError(f"cannot write to {folder}: {e.strerror or e} ({base}); choose another output") from e
 
 
-def _output_name(rel: Path, keep_ext: bool) -> Path:
+def _output_name(rel: PurePath, keep_ext: bool) -> PurePath:
     return rel.with_name(rel.name + ".png") if keep_ext else rel.with_suffix(".png")
 
 
@@ -249,7 +270,8 @@ def plan_job(input_path: str | os.PathLike[str], output: str | os.PathLike[str],
     """Map an input file or folder to output files, refusing every unsafe mapping before any work.
 
     Args:
-        input_path: an image file, or a folder (searched with its subfolders, mirrored in the output).
+        input_path: an image file, or a folder (searched with its subfolders, mirrored in the output); a local
+            path or a URI (``storage.UriPath``: ``s3://bucket/photos``, ``file:///mnt/share/photos`` ...).
         output: a file (its extension picks the format), or a folder (existing, or ending with ``/``);
             a folder input always gives a folder of PNG files.
         keep_ext: name folder results ``name.jpg.png`` rather than ``name.png`` (when a folder holds
@@ -259,9 +281,9 @@ def plan_job(input_path: str | os.PathLike[str], output: str | os.PathLike[str],
         InvalidInputError: the input is missing or has no images; an output would be an input; the output
             folder is the input folder; two inputs map to one output; unknown output type; not writable.
     """
-    src = Path(input_path)
+    src = as_path(os.fspath(input_path))
     out_str = os.fspath(output)
-    out = Path(out_str)
+    out = as_path(out_str)
     if src.is_dir():
         if out.exists() and not out.is_dir():
             raise InvalidInputError(f"input {src} is a folder, so the output must be a folder; {out} is a file")
@@ -305,9 +327,11 @@ def plan_job(input_path: str | os.PathLike[str], output: str | os.PathLike[str],
 # ---------------------------------------------------------------------------- running
 
 
-def _check_no_links(root: Path, dst: Path) -> None:
+def _check_no_links(root: AnyPath, dst: AnyPath) -> None:
     """Refuse a result path whose file or folders below the output root are symbolic links (the root
-    itself is the user's choice and may be one)."""
+    itself is the user's choice and may be one).  URIs name no links."""
+    if isinstance(dst, UriPath) or isinstance(root, UriPath):
+        return
     p = dst
     while p != root and len(p.parts) > len(root.parts):
         if p.is_symlink():
@@ -319,7 +343,7 @@ def _check_no_links(root: Path, dst: Path) -> None:
 UpscaleFn = Callable[[Tensor, Task], tuple[Tensor, str]]
 
 
-def run_task(task: Task, upscale_fn: UpscaleFn, *, root: Path, scale: float, overwrite: bool,
+def run_task(task: Task, upscale_fn: UpscaleFn, *, root: AnyPath, scale: float, overwrite: bool,
              max_pixels: int | None) -> Outcome:
     """Do one image: skip a finished result, refuse a foreign file, else read, upscale and write atomically.
 
@@ -355,17 +379,18 @@ def remove_partials(plan: Plan) -> int:
     cannot remove its temporary ``.NAME.realsr-partial-XXXX`` file.  Only such files named after one of
     this job's results are removed; nothing else in the output folders is touched.
     """
-    names: defaultdict[Path, set[str]] = defaultdict(set)
+    names: defaultdict[AnyPath, set[str]] = defaultdict(set)
     for t in plan.tasks:
         names[t.dst.parent].add(t.dst.name)
     removed = 0
     for folder, wanted in names.items():
         if not folder.is_dir() or folder.is_symlink():
             continue
-        for entry in os.scandir(folder):
+        for entry in folder.iterdir():
             base = entry.name[1:].partition(PARTIAL_MARK)
-            if entry.name.startswith(".") and base[1] and base[0] in wanted and entry.is_file(follow_symlinks=False):
-                Path(entry.path).unlink(missing_ok=True)
+            if entry.name.startswith(".") and base[1] and base[0] in wanted and not entry.is_symlink() \
+                    and entry.is_file():
+                entry.unlink(missing_ok=True)
                 removed += 1
     return removed
 

@@ -11,7 +11,8 @@ pools, ``max_restarts=-1``, ``max_task_retries=-1``).  A result the dead actor h
 (atomic rename), so the retry finds it and skips it; it is reported as done, since it was not there when the
 job started.  A killed writer's hidden temporary file is removed at the end (:func:`jobs.remove_partials`).
 
-Inputs and outputs must be where every worker sees them at the same path (a shared filesystem).  ``ray`` is an
+Inputs and outputs must be where every worker sees them: a shared filesystem mounted at the same path on every
+node, or URIs (``s3://...``, see :mod:`realsr_core.storage`).  ``ray`` is an
 optional dependency (``pip install "ray[data]"``), imported only here.
 """
 
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import jobs
 from .errors import RealSRError
+from .storage import as_path, as_str
 
 
 class _Worker:
@@ -33,12 +34,12 @@ class _Worker:
 
     def __init__(self, job: jobs.UpscaleJob, root: str, scale: float) -> None:
         self.runner = jobs.ModelRunner(job)
-        self.job, self.root, self.scale = job, Path(root), scale
+        self.job, self.root, self.scale = job, as_path(root), scale
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         status, reason = [], []
         for src, dst, rel in zip(batch["src"], batch["dst"], batch["rel"], strict=True):
-            outcome = jobs.run_task(jobs.Task(Path(src), Path(dst), str(rel)), self.runner, root=self.root,
+            outcome = jobs.run_task(jobs.Task(as_path(src), as_path(dst), str(rel)), self.runner, root=self.root,
                                     scale=self.scale, overwrite=self.job.overwrite, max_pixels=self.job.max_pixels)
             status.append(outcome.status)
             reason.append(outcome.reason)
@@ -116,9 +117,9 @@ def run_on_ray(job: jobs.UpscaleJob, plan: jobs.Plan, *, scale: float, address: 
             job = dataclasses.replace(job, threads=cpus_per_worker, device="cpu")
         jobs.remove_partials(plan)
         existed = {i for i, t in enumerate(plan.tasks) if t.dst.exists()}
-        # Absolute paths: workers run in other folders (and on other machines, where the shared filesystem is
-        # mounted at the same path); the report keeps the paths as the user gave them.
-        items = [{"index": i, "src": str(t.src.absolute()), "dst": str(t.dst.absolute()), "rel": t.rel}
+        # Absolute paths and whole URIs: workers run in other folders (and on other machines, where a shared
+        # filesystem is mounted at the same path); the report keeps the paths as the user gave them.
+        items = [{"index": i, "src": as_str(t.src), "dst": as_str(t.dst), "rel": t.rel}
                  for i, t in enumerate(plan.tasks)]
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Smaller batches when there are few images, so that every worker gets some; one block per batch.
@@ -126,7 +127,7 @@ def run_on_ray(job: jobs.UpscaleJob, plan: jobs.Plan, *, scale: float, address: 
         ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
         kwargs: dict[str, Any] = {"num_gpus": gpus} if gpus else {}
         results = ds.map_batches(
-            _Worker, fn_constructor_kwargs={"job": job, "root": str(plan.output_root.absolute()), "scale": scale},
+            _Worker, fn_constructor_kwargs={"job": job, "root": as_str(plan.output_root), "scale": scale},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n_workers), num_cpus=cpus, **kwargs)
         outcomes: dict[int, jobs.Outcome] = {}
         for row in results.iter_rows():

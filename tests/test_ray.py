@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import skimage_photo
+from helpers import free_port, skimage_photo, tree_bytes
 from PIL import Image
 
 from realsr_core import jobs
@@ -59,12 +58,8 @@ def local_out(archive: Path) -> Path:
     return out
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def _assert_same_outputs(out: Path, local_out: Path) -> None:
-    got, want = _files(out), _files(local_out)
+    got, want = tree_bytes(out), tree_bytes(local_out)
     assert sorted(got) == sorted(want)  # every result exactly once, no partial or extra file
     assert len(want) == OK_IMAGES and not any(PARTIAL_MARK in k for k in got)
     for rel in want:
@@ -134,21 +129,15 @@ def test_interrupted_job_resumes_with_the_rest(archive: Path, local_out: Path, t
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == jobs.EXIT_INTERRUPTED, "".join(lines) + rest
     assert "run the same command again to do the rest" in rest
-    kept = _files(out)
+    kept = tree_bytes(out)
     assert 3 <= len(kept) < OK_IMAGES and not any(PARTIAL_MARK in k for k in kept)
 
     again = _cli("upscale", str(archive), "-o", f"{out}/", "--ray", "auto", "--workers", "1")
     assert again.returncode == jobs.EXIT_SOME_FAILED, again.stderr
     # Only the rest was done; what the first run finished was skipped, untouched.
     assert f"{OK_IMAGES - len(kept)} done, {len(kept)} skipped (already done), 1 failed" in again.stderr
-    assert all(_files(out)[k] == v for k, v in kept.items())
+    assert all(tree_bytes(out)[k] == v for k, v in kept.items())
     _assert_same_outputs(out, local_out)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_head_and_worker_node_started_with_ray_start(archive: Path, local_out: Path, tmp_path: Path) -> None:
@@ -157,7 +146,7 @@ def test_head_and_worker_node_started_with_ray_start(archive: Path, local_out: P
     token.write_text(secrets.token_hex(32))
     # Ray's default for `ray start` is token authentication: the nodes and the driver share one token.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    port = _free_port()
+    port = free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     try:
         for extra in (["--head", "--port", str(port), "--include-dashboard", "false"],
