@@ -138,6 +138,7 @@ def _run_on_ray(job: jobs.UpscaleJob, plan: jobs.Plan, args: argparse.Namespace)
     from .ray_executor import run_on_ray
 
     desc = load_model(args.model or builtin_path())  # refuses a bad file here, not in every worker
+    jobs.model_options(desc, job)  # and warns here about scores the model ignores
     print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters, {len(plan.tasks)} images on Ray ({args.ray})",
           file=sys.stderr)
     for line in jobs.describe_ignored(plan.ignored):
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("upscale", help="upscale an image file or a folder of images (with its subfolders)",
                        epilog="Exit status: 0 all done, 2 refused before any work, 3 some files failed (listed), "
                               "130 interrupted (run the same command again to continue).")
-    u.add_argument("input", help="image file or folder (subfolders are mirrored in the output)")
+    u.add_argument("input", help="image file or folder (subfolders are mirrored in the output); a path or a URI that "
+                                 "pyarrow reads (s3://bucket/photos, file:///mnt/share/photos; see the README)")
     u.add_argument("-o", "--output", required=True,
                    help="output file (.png, .jpg, .webp, .bmp, .tif), or a folder (existing or ending with /); "
                         "a folder input always gives a folder of PNG files")

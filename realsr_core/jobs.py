@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from . import imageio
 from .errors import InvalidInputError, RealSRError, RealSRWarning
 from .files import PARTIAL_MARK
 from .storage import UriPath, as_path
+
+if TYPE_CHECKING:
+    from .descriptor import ModelDescriptor
 
 # A local file or folder, or one named by a URI (storage.UriPath: object stores, HDFS, ...).
 AnyPath = Path | UriPath
@@ -129,6 +132,16 @@ class UpscaleJob:
         return plan_job(self.input, self.output, keep_ext=self.keep_ext)
 
 
+def model_options(desc: ModelDescriptor, job: UpscaleJob) -> dict[str, float]:
+    """The job's options that the model takes; given ones it does not take are reported, not silently dropped."""
+    given = dict(job.options)
+    ignored = [f"--{k}" for k in given if k not in desc.option_names()]
+    if ignored:
+        warnings.warn(f"{' and '.join(ignored)} ignored: {desc.name} takes no degradation scores (MM-RealSR does)",
+                      RealSRWarning, stacklevel=2)
+    return {k: v for k, v in given.items() if k in desc.option_names()}
+
+
 class TileProgress(Protocol):
     def __call__(self, done: int, total: int) -> None: ...
 
@@ -158,12 +171,7 @@ class ModelRunner:
         self.desc = load_model(job.model or builtin_path(), device=self.device)
         # The runner owns its model, so it is cast once rather than copied per image.
         self.desc.to(dtype=compute_dtype(self.desc, self.device, torch.float16 if job.half else None))
-        given = dict(job.options)
-        ignored = [f"--{k}" for k in given if k not in self.desc.option_names()]
-        if ignored:
-            warnings.warn(f"{' and '.join(ignored)} ignored: {self.desc.name} takes no degradation scores "
-                          "(MM-RealSR does)", RealSRWarning, stacklevel=2)
-        self.options = {k: v for k, v in given.items() if k in self.desc.option_names()}
+        self.options = model_options(self.desc, job)
 
     @property
     def scale(self) -> float:

@@ -111,7 +111,8 @@ def run_on_ray(job: jobs.UpscaleJob, plan: jobs.Plan, *, scale: float, address: 
         n_workers, cpus, gpus = _pool(job, workers, cpus_per_worker)
         if describe is not None:
             nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-            describe(f"{n_workers} workers ({'1 GPU' if gpus else f'{cpus:g} CPUs'} each) on {nodes} "
+            each = "1 GPU" if gpus else f"{cpus:g} CPU{'s' if cpus != 1 else ''}"
+            describe(f"{n_workers} worker{'s' if n_workers != 1 else ''} ({each} each) on {nodes} "
                      f"node{'s' if nodes != 1 else ''}")
         if not gpus:
             job = dataclasses.replace(job, threads=cpus_per_worker, device="cpu")

@@ -114,3 +114,11 @@ def test_export_keeps_only_inference_weights(tmp_path: Path, photos: Path, capsy
     capsys.readouterr()
     assert main(["export", str(full), "-o", str(slim)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_ray_missing_is_a_clear_refusal(tmp_path: Path, photos: Path, monkeypatch, capsys) -> None:
+    """Ray is optional: without it, --ray says how to install it; nothing is written."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    rc = main(["upscale", str(photos), "-o", f"{tmp_path / 'out'}/", "--ray", "auto"])
+    assert rc == 2 and 'pip install "ray[data]"' in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

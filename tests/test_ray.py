@@ -86,7 +86,7 @@ def test_local_ray_same_bytes_and_a_killed_worker(archive: Path, local_out: Path
         rc = main(["upscale", str(archive), "-o", f"{tmp_path / 'ray'}/", "--ray", "auto", "--cpus-per-worker", "1"])
         err = capsys.readouterr().err
         assert rc == jobs.EXIT_SOME_FAILED, err  # non-zero only because of the broken file
-        assert "2 workers (1 CPUs each) on 1 node" in err
+        assert "2 workers (1 CPU each) on 1 node" in err
         assert f"{OK_IMAGES} done, 0 skipped (already done), 1 failed" in err
         assert f"failed: {archive / '2020' / 'broken.png'}: not a readable image" in err
         _assert_same_outputs(tmp_path / "ray", local_out)
@@ -157,7 +157,7 @@ def test_head_and_worker_node_started_with_ray_start(archive: Path, local_out: P
         proc = _cli("upscale", str(archive), "-o", f"{tmp_path / 'cluster'}/", "--ray", f"127.0.0.1:{port}",
                     env=env)
         assert proc.returncode == jobs.EXIT_SOME_FAILED, proc.stderr
-        assert "2 workers (1 CPUs each) on 2 nodes" in proc.stderr, proc.stderr
+        assert "2 workers (1 CPU each) on 2 nodes" in proc.stderr, proc.stderr
         _assert_same_outputs(tmp_path / "cluster", local_out)
     finally:
         subprocess.run([ray_cmd, "stop", "--force"], capture_output=True, env=env, timeout=120)
