@@ -60,6 +60,12 @@ def test_file_uris_run_the_local_job(photos: Path, local_out: Path, tmp_path: Pa
     assert "unknown output type '.xyz'" in capsys.readouterr().err
     assert main(["upscale", "nosuchscheme://bucket/in", "-o", f"{tmp_path}/o/"]) == jobs.EXIT_REFUSED
     assert "cannot open nosuchscheme:// paths" in capsys.readouterr().err
+    # The size limit (decompression-bomb guard) holds for files read through pyarrow too.
+    assert main(["upscale", f"file://{photos}", "-o", f"file://{tmp_path}/small/", "--max-pixels", "1000"]) == \
+        jobs.EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    summary = [ln for ln in err.splitlines() if ln.startswith("  failed:")]
+    assert "0 done" in err and sum("decompression bombs" in ln for ln in summary) == 3  # + broken.png
 
 
 @pytest.fixture(scope="module")
