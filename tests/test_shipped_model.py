@@ -67,19 +67,20 @@ def test_shipped_lway_module_loads_with_its_card() -> None:
         assert words in card
 
 
-@pytest.mark.parametrize("family", ["bsrgan", "realesrgan"])
+@pytest.mark.parametrize("family", ["bsrgan", "realesrgan", "camera"])
 def test_shipped_lway_module_reproduces_a_real_degradation(family: str) -> None:
     """R(HR, E(up(LR))) must be closer to up(LR) than the clean HR crop is: E has read the degradation of this
     held-out photo from the LR image alone, and R re-applies it.  Three random degradations per family (the
     gain varies with how strong each is: 0.8-9.7 dB for the shipped module); the mean must clear the floor."""
     from realsr_core.models.lway.network import bicubic_resize
-    from realsr_core.training.degradations import bsrgan, realesrgan
+    from realsr_core.training.degradations import bsrgan, camera, realesrgan
 
     hr = skimage_photo("chelsea")[:, :, 40:232, 120:312]  # 192x192, held out
     rec = load_model(builtin_path(LWAY_FILE)).model
     gains = []
     for seed in (3, 4, 5):
-        lr = (bsrgan if family == "bsrgan" else realesrgan)(hr, 4, torch.Generator().manual_seed(seed))
+        lr = {"bsrgan": bsrgan, "realesrgan": realesrgan, "camera": camera}[family](
+            hr, 4, torch.Generator().manual_seed(seed))
         with torch.no_grad():
             target = bicubic_resize(lr, hr.shape[-2:]).clamp(0, 1)
             recon = rec.reconstructor(hr, rec.embed(target)).clamp(0, 1)
