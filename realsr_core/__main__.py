@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -130,7 +131,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     desc = runner.desc
     print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters on {runner.device} ({str(desc.dtype)[6:]})",
           file=sys.stderr)
-    return _run_files(plan, runner, desc.scale, args)
+    return _run_local(plan, runner, desc.scale, args)
 
 
 def _run_on_ray(job: jobs.UpscaleJob, plan: jobs.Plan, args: argparse.Namespace) -> int:
@@ -141,50 +142,45 @@ def _run_on_ray(job: jobs.UpscaleJob, plan: jobs.Plan, args: argparse.Namespace)
     jobs.model_options(desc, job)  # and warns here about scores the model ignores
     print(f"{desc.name}: {desc.num_params / 1e6:.1f}M parameters, {len(plan.tasks)} images on Ray ({args.ray})",
           file=sys.stderr)
-    for line in jobs.describe_ignored(plan.ignored):
-        print(line, file=sys.stderr)
-    total, seen = len(plan.tasks), [0]
+    return _run_files(plan, args, lambda report: run_on_ray(
+        job, plan, scale=desc.scale, address=args.ray, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size, report=report, describe=lambda line: print(line, file=sys.stderr)),
+        numbered=True)
 
-    def report(outcome: jobs.Outcome) -> None:
-        seen[0] += 1
-        print(f"[{seen[0]}/{total}] ", end="", file=sys.stderr)
-        _report(outcome)
 
+def _run_local(plan: jobs.Plan, upscale_fn: jobs.UpscaleFn, scale: float, args: argparse.Namespace) -> int:
+    """Run a planned file job in this process (``--max-pixels`` is then the one image-size limit here)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        summary = run_on_ray(job, plan, scale=desc.scale, address=args.ray, workers=args.workers,
-                             cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, report=report,
-                             describe=lambda line: print(line, file=sys.stderr))
-    except (KeyboardInterrupt, _Interrupted):
-        print(f"interrupted: {seen[0]} of {total} images finished and kept, no partial file left; "
-              "run the same command again to do the rest", file=sys.stderr)
-        return jobs.EXIT_INTERRUPTED
-    for line in summary.lines():
-        print(line, file=sys.stderr)
-    return summary.exit_code
+        return _run_files(plan, args, lambda report: jobs.run_job(
+            plan, upscale_fn, scale=scale, overwrite=args.overwrite, max_pixels=args.max_pixels or None,
+            report=report))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
-def _run_files(plan: jobs.Plan, upscale_fn: jobs.UpscaleFn, scale: float, args: argparse.Namespace) -> int:
-    """Run a planned file job with the command line's reporting, Ctrl-C handling and exit status."""
+def _run_files(plan: jobs.Plan, args: argparse.Namespace, execute: Callable[[Callable[[jobs.Outcome], None]],
+               jobs.Summary], *, numbered: bool = False) -> int:
+    """A planned file job with the command line's reporting, Ctrl-C handling and exit status; ``execute(report)``
+    runs it (here or on Ray).  ``numbered``: prefix each outcome with ``[k/N]`` (outcomes arrive in any order)."""
     for line in jobs.describe_ignored(plan.ignored):
         print(line, file=sys.stderr)
     outcomes: list[jobs.Outcome] = []
 
     def report(outcome: jobs.Outcome) -> None:
         outcomes.append(outcome)
+        if numbered:
+            print(f"[{len(outcomes)}/{len(plan.tasks)}] ", end="", file=sys.stderr)
         _report(outcome)
 
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # --max-pixels (load_image) is the one limit in this process
     try:
-        summary = jobs.run_job(plan, upscale_fn, scale=scale, overwrite=args.overwrite,
-                               max_pixels=args.max_pixels or None, report=report)
+        summary = execute(report)
     except (KeyboardInterrupt, _Interrupted):
         done = sum(o.status != "failed" for o in outcomes)
         print(f"interrupted: {done} of {len(plan.tasks)} images finished and kept, no partial file written; "
               "run the same command again to do the rest", file=sys.stderr)
         return jobs.EXIT_INTERRUPTED
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
     if len(plan.tasks) > 1 or summary.exit_code:
         for line in summary.lines():
             print(line, file=sys.stderr)
@@ -239,7 +235,7 @@ def cmd_stablesr(args: argparse.Namespace) -> int:
             out = out.mean(1, keepdim=True)
         return out, f"{jobs.size_note(out)} seed {options.seed}"
 
-    return _run_files(plan, run, options.upscale, args)
+    return _run_local(plan, run, options.upscale, args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

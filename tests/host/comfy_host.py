@@ -68,6 +68,25 @@ def comfy(models_dir: Path):
     comfy.utils.set_progress_bar_global_hook(None)
 
 
+def esrgan_state_dict(nf: int, gc: int, blocks: int) -> dict[str, torch.Tensor]:
+    """A small x4 ESRGAN (BasicSR RRDBNet keys: what Real-ESRGAN releases and spandrel reads), random weights from
+    seed 0, zero biases."""
+    g = torch.Generator().manual_seed(0)
+
+    def conv(o: int, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": torch.randn(o, i, 3, 3, generator=g) * 0.05, f"{prefix}.bias": torch.zeros(o)}
+
+    sd = conv(nf, 3, "conv_first")
+    for b in range(blocks):
+        for r in (1, 2, 3):
+            for k in range(1, 6):
+                sd.update(conv(nf if k == 5 else gc, nf + (k - 1) * gc, f"body.{b}.rdb{r}.conv{k}"))
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        sd.update(conv(nf, nf, name))
+    sd.update(conv(3, nf, "conv_last"))
+    return sd
+
+
 def bhwc(x: torch.Tensor) -> torch.Tensor:
     """NCHW -> ComfyUI IMAGE [B, H, W, C]."""
     return x.permute(0, 2, 3, 1).contiguous()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_host import bhwc, cancel_on_first_tick
+from comfy_host import bhwc, cancel_on_first_tick, esrgan_state_dict
 from helpers import skimage_photo
 from safetensors.torch import save_file
 
@@ -37,20 +37,8 @@ def esrgan_file(comfy, tmp_path_factory) -> str:
     """A small x4 ESRGAN (BasicSR RRDBNet keys, random weights) in a models/upscale_models folder, loaded by
     ComfyUI's own 'Load Upscale Model' through spandrel."""
     folder = tmp_path_factory.mktemp("upscale_models")
-    g = torch.Generator().manual_seed(0)
-    nf, gc = 16, 32  # spandrel reads the width from the shapes; its ESRGAN growth is always 32
-
-    def conv(o: int, i: int, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.weight": torch.randn(o, i, 3, 3, generator=g) * 0.05, f"{prefix}.bias": torch.zeros(o)}
-
-    sd = conv(nf, 3, "conv_first")
-    for b in range(2):
-        for r in (1, 2, 3):
-            for k in range(1, 6):
-                sd.update(conv(nf if k == 5 else gc, nf + (k - 1) * gc, f"body.{b}.rdb{r}.conv{k}"))
-    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
-        sd.update(conv(nf, nf, name))
-    sd.update(conv(3, nf, "conv_last"))
+    # spandrel reads the width from the shapes; its ESRGAN growth is always 32
+    sd = esrgan_state_dict(nf=16, gc=32, blocks=2)
     save_file(sd, str(folder / "tiny_esrgan_x4.safetensors"))
     import folder_paths
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_host import bhwc
+from comfy_host import bhwc, esrgan_state_dict
 from helpers import NCNN_DIR, skimage_photo
 from safetensors.torch import save_file
 
@@ -184,19 +184,7 @@ def test_a_layout_spandrel_cannot_read_leaves_the_other_outputs_working(comfy, m
     UPSCALE_MODEL output says why ComfyUI's node cannot."""
     from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 
-    g = torch.Generator().manual_seed(0)
-    nf, gc = 16, 16
-
-    def conv(o: int, i: int, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.weight": torch.randn(o, i, 3, 3, generator=g) * 0.05, f"{prefix}.bias": torch.zeros(o)}
-
-    sd = conv(nf, 3, "conv_first")
-    for r in (1, 2, 3):
-        for k in range(1, 6):
-            sd.update(conv(nf if k == 5 else gc, nf + (k - 1) * gc, f"body.0.rdb{r}.conv{k}"))
-    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
-        sd.update(conv(nf, nf, name))
-    sd.update(conv(3, nf, "conv_last"))
+    sd = esrgan_state_dict(nf=16, gc=16, blocks=1)
     save_file(sd, str(models_dir / "esrgan_gc16_x4.safetensors"))
     outs = _load(comfy, "esrgan_gc16_x4.safetensors")
     assert outs[SR].arch == "esrgan" and type(outs[UPSCALE_MODEL]).__name__ == "NoUpscaleModel"
