@@ -33,6 +33,11 @@ class _Worker:
     """A Ray actor: the job's model, loaded once, applied to batches of tasks."""
 
     def __init__(self, job: jobs.UpscaleJob, root: str, scale: float) -> None:
+        from PIL import Image
+
+        # This process is the job's: its max_pixels (checked by load_image) is the one size limit, as in the local
+        # mode, rather than Pillow's own decompression-bomb threshold.
+        Image.MAX_IMAGE_PIXELS = None
         self.runner = jobs.ModelRunner(job)
         self.job, self.root, self.scale = job, as_path(root), scale
 
