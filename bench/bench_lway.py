@@ -19,7 +19,8 @@ this SR model from what the learned R's errors cost.
 Usage::
 
     python bench/bench_lway.py [--iterations 100] [--lr 1e-5] [--families bsrgan realesrgan]
-                               [--device cpu|cuda] [--threads 2] [--json bench/out/lway.json]
+                               [--compute-dtype fp32|bf16|fp16] [--device cpu|cuda] [--threads 2]
+                               [--json bench/out/lway.json]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from realsr_core.training.degradations import bsrgan, camera, camera_optics, rea
 from realsr_core.weights import builtin_path  # noqa: E402
 
 SCALE = 4
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FAMILIES = {"bsrgan": bsrgan, "realesrgan": realesrgan, "camera": camera}
 
 
@@ -121,6 +123,8 @@ def main() -> None:
     p.add_argument("--photos", nargs="*", default=None, help="only these held-out photos")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compute-dtype", default="fp32", choices=sorted(DTYPES),
+                   help="precision of the fine-tuning passes (bf16 / fp16: mixed precision; metrics stay float32)")
     p.add_argument("--oracle", action="store_true", help="fine-tune against the true camera operator (camera family)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -137,7 +141,8 @@ def main() -> None:
             t0 = time.perf_counter()
             r = OracleReconstruction(params) if a.oracle else rec
             res = finetune(model, lr, r, iterations=a.iterations, lr=a.lr, patch_size=a.patch_size,
-                           batch_size=a.batch_size, params=a.params, device=dev)
+                           batch_size=a.batch_size, params=a.params, device=dev,
+                           compute_dtype=DTYPES[a.compute_dtype])
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             per_it = (time.perf_counter() - t0) / max(a.iterations, 1)

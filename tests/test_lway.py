@@ -307,6 +307,30 @@ def test_femasr_descriptor_finetunes_through_its_own_padding_path(lr_photo: torc
     assert res.model(lr_photo[..., :20, :20]).shape == (1, 3, 80, 80)
 
 
+def test_mixed_precision_takes_the_float32_steps(lr_photo: torch.Tensor, rec: LWayReconstruction) -> None:
+    # bfloat16 / float16 passes (autocast) with float32 weights and Adam state: the same patches give losses
+    # within rounding of float32's and weight updates pointing the same way with the same size (Adam
+    # normalises the step, so passes rounded to 8 / 11 mantissa bits move the weights almost identically).
+    desc = _crlsr_descriptor()
+    before = _params(desc)
+    kw = {"iterations": 6, "lr": 1e-3, "patch_size": 32, "batch_size": 4, "seed": 3}
+
+    def update(res) -> torch.Tensor:
+        return torch.cat([(v - before[k]).flatten() for k, v in res.model.model.state_dict().items()])
+
+    ref = finetune(desc, lr_photo, rec, **kw)
+    for dtype in (torch.bfloat16, torch.float16):
+        res = finetune(desc, lr_photo, rec, compute_dtype=dtype, **kw)
+        assert res.losses != ref.losses  # the passes did run in the reduced precision
+        assert np.allclose(res.losses, ref.losses, rtol=0.05, atol=0), (dtype, res.losses, ref.losses)
+        assert F.cosine_similarity(update(res), update(ref), dim=0) > 0.99
+        assert abs(float(update(res).norm() / update(ref).norm()) - 1) < 0.02
+        assert all(p.dtype == torch.float32 for p in res.model.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in desc.model.state_dict().items())
+    with pytest.raises(InvalidInputError, match="compute_dtype"):
+        finetune(desc, lr_photo, rec, iterations=1, compute_dtype=torch.float64)
+
+
 def test_finetune_refuses_bad_input(lr_photo: torch.Tensor, rec: LWayReconstruction) -> None:
     desc = _crlsr_descriptor()
     with pytest.raises(InvalidInputError):

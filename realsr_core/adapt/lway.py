@@ -20,6 +20,10 @@ Choices the paper leaves open (``shared/research/lway_crlsr_degradation.md`` Sec
   term of the paper is left out (its weights cannot be downloaded here).
 * Optimiser Adam (betas 0.9, 0.999), constant learning rate; the model runs in eval mode throughout
   (no BatchNorm statistics updates, no dropout): only its weights change.
+* Mixed precision is optional (``compute_dtype``): the forward and backward passes of S and R run in
+  bfloat16 / float16 under autocast while the weights, their gradients and Adam's moments stay float32, so
+  small steps (lr 1e-5 on weights of ~1e-2) are not rounded away; float16 adds loss scaling against
+  gradient underflow.  On a CPU with native bfloat16 this halves the time of a step (BENCHMARKS.md, LWay).
 
 The model passed in is never modified: a deep copy is fine-tuned and returned.
 """
@@ -462,6 +466,7 @@ def finetune(
     params: str = "all",
     seed: int = 0,
     device: torch.device | str | None = None,
+    compute_dtype: torch.dtype = torch.float32,
     progress: LossProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> FinetuneResult:
@@ -486,6 +491,9 @@ def finetune(
             (see :func:`select_parameters`); only parameters the SR path uses are counted.
         seed: seeds the patch positions.
         device: where to train (default: the model's device); the result goes back to the model's device.
+        compute_dtype: precision of the passes: ``torch.float32``, or ``torch.bfloat16`` / ``torch.float16``
+            for mixed precision (autocast; weights and optimiser state stay float32; float16 with loss
+            scaling).  bfloat16 suits CPUs with native bfloat16 (AVX-512 BF16, AMX) and recent GPUs.
         progress: called after every iteration as ``progress(done, iterations, loss)``.
         cancel: polled before every iteration; when it returns True, :class:`Cancelled` is raised (the
             input model is untouched, the partial copy is dropped).
@@ -503,6 +511,8 @@ def finetune(
             f"need iterations >= 0, batch_size >= 1, patch_size >= 1 and lr > 0; got {iterations}, {batch_size}, "
             f"{patch_size}, {lr}"
         )
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InvalidInputError(f"compute_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {compute_dtype}")
     home = _model_device(model)
     home_dtype = _model_dtype(model.model if not isinstance(model, nn.Module) else model)
     with torch.inference_mode(False), torch.enable_grad():
@@ -522,6 +532,11 @@ def finetune(
         # fused residual blocks check all their convs).
         partial = len(chosen) < len(used)
         optimizer = torch.optim.Adam(chosen, lr=lr)
+        dev_type = imgs[0].device.type
+        mixed = compute_dtype != torch.float32
+        # float16's 5-bit exponent flushes small gradients to zero; the scaler multiplies the loss up and skips
+        # a step whose gradients overflowed.  bfloat16 has float32's range and needs none.
+        scaler = torch.amp.GradScaler(dev_type) if compute_dtype == torch.float16 else None
         losses: list[float] = []
         for it in range(iterations):
             if cancel is not None and cancel():
@@ -530,12 +545,18 @@ def finetune(
             lr_patch, index = patches.batch(batch_size)
             if partial:
                 lr_patch.requires_grad_(True)
-            loss = _step_loss(runner, rec, lr_patch, index)
+            with torch.autocast(dev_type, dtype=compute_dtype, enabled=mixed):
+                loss = _step_loss(runner, rec, lr_patch, index)
             if not torch.isfinite(loss):
                 raise RealSRError(f"LWay fine-tuning: the loss is not finite at iteration {it + 1}; lower lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress(it + 1, iterations, losses[-1])
