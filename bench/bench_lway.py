@@ -9,7 +9,8 @@ mod-cropped to 4 and degraded once per family with a fixed seed by a *different*
 border cropped) and NIQE of the whole-image x4 result before and after LWay (``realsr_core.adapt.finetune``
 on that LR image alone, with the shipped LWay module), the time per fine-tuning iteration, and LWay's own loss
 on the whole image for the clean HR, the SR result before and after, and bicubic (which one the objective
-prefers; ``--iterations 0`` gives only this and the "before" metrics).
+prefers; ``--iterations 0`` gives only this and the "before" metrics).  With ``--json out.json`` each adapted
+result is also written as ``out/<family>_<photo>.png``.
 
 ``--oracle`` (camera family only) replaces the learned LWay module by the camera model's own noise-free
 operator with each image's drawn parameters (defocus disk, lens PSF, area downscale, then LWay's bicubic
@@ -43,6 +44,7 @@ from bench_crlsr import measure as quality  # noqa: E402  (this folder is on sys
 
 from realsr_core import load_model  # noqa: E402
 from realsr_core.adapt import finetune, hf_weight_map, lway_loss  # noqa: E402
+from realsr_core.imageio import save_image  # noqa: E402
 from realsr_core.models.lway.network import LWayReconstruction, bicubic_resize  # noqa: E402
 from realsr_core.training.data import photos  # noqa: E402
 from realsr_core.training.degradations import bsrgan, camera, camera_optics, realesrgan  # noqa: E402
@@ -147,6 +149,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             per_it = (time.perf_counter() - t0) / max(a.iterations, 1)
             after, sr1 = measure(res.model, lr, hr)
+            if a.json:  # the adapted results beside the figures (bench_models.py --lway puts them on its sheet)
+                save_image(sr1, Path(a.json).with_suffix("") / f"{family}_{name}.png", overwrite=True)
             bic = bicubic_resize(lr, hr.shape[-2:]).clamp(0, 1)
             losses = whole_image_losses(rec, lr, {"hr": hr, "sr_before": sr0, "sr_after": sr1, "bicubic": bic})
             row = {"family": family, "photo": name, "lr_size": f"{lr.shape[-1]}x{lr.shape[-2]}", "before": before,

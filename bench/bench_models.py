@@ -7,10 +7,15 @@ model: PSNR / SSIM on Y (4 px border cropped) and NIQE of the whole-image x4 res
 megapixel; a contact sheet (``--sheet``): for one photo per family, a crop of the LR (nearest), bicubic, each
 model and the HR, side by side.
 
+Each model after LWay: ``--lway`` takes the JSON files of ``bench_lway.py`` runs on these models (same photos,
+degradations and seed), adds their "after" figures as "<model> + LWay" to the table and medians, and puts the
+adapted results those runs saved (``<json>/<family>_<photo>.png``) on the sheet beside each model.
+
 Usage::
 
     python bench/bench_models.py --x4plus realesrgan-x4plus.param --df2k models-DF2K_JPEG/x4.param \\
-        [--families camera bsrgan realesrgan] [--sheet docs/compare_models.png] [--json out.json]
+        [--families camera bsrgan realesrgan] [--lway bench/out/lway_*.json] [--sheet docs/compare_models.png]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from bench_crlsr import measure  # noqa: E402
 from bench_lway import degraded  # noqa: E402
 
 from realsr_core import load_model  # noqa: E402
+from realsr_core.imageio import load_image  # noqa: E402
 from realsr_core.weights import builtin_path  # noqa: E402
 
 SCALE = 4
@@ -49,6 +55,24 @@ def _tile(x: torch.Tensor, y: int, x0: int, label: str) -> Image.Image:
     return canvas
 
 
+def lway_results(files: list[str], paths: dict[str, str]) -> dict[tuple[str, str, str], dict]:
+    """(model label, family, photo) -> {"after": metrics, "image": saved PNG or None} from bench_lway JSON files;
+    ``paths`` maps each label to its model file (a run is matched to a model by that file)."""
+    by_file = {Path(v).resolve(): k for k, v in paths.items()}
+    out: dict[tuple[str, str, str], dict] = {}
+    for f in files:
+        run = json.loads(Path(f).read_text())
+        label = by_file.get(Path(run["meta"]["args"]["model"]).resolve())
+        if label is None:
+            raise SystemExit(f"{f}: its model {run['meta']['args']['model']} is none of {sorted(paths.values())}")
+        for r in run["rows"]:
+            png = Path(f).with_suffix("") / f"{r['family']}_{r['photo']}.png"
+            key = (label, r["family"], r["photo"])
+            out[key] = {"after": r["after"], "image": png if png.exists() else out.get(key, {}).get("image"),
+                        "iterations": run["meta"]["args"]["iterations"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--x4plus", required=True)
@@ -56,12 +80,14 @@ def main() -> None:
     p.add_argument("--families", nargs="+", default=["camera", "bsrgan", "realesrgan"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lway", nargs="*", default=[], help="bench_lway.py JSON files of these models")
     p.add_argument("--sheet", default=None)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    models = {"CRL-SR x4 (shipped)": load_model(builtin_path()), "Real-ESRGAN x4plus": load_model(a.x4plus),
-              "DF2K_JPEG x4": load_model(a.df2k)}
+    paths = {"CRL-SR x4 (shipped)": str(builtin_path()), "Real-ESRGAN x4plus": a.x4plus, "DF2K_JPEG x4": a.df2k}
+    models = {label: load_model(path) for label, path in paths.items()}
+    adapted = lway_results(a.lway, paths)
     rows, sheet_rows = [], []
     for family in a.families:
         for name, lr, hr, _ in degraded(family, a.seed):
@@ -75,16 +101,23 @@ def main() -> None:
                 sec = time.perf_counter() - t0
                 row[label] = {**measure(sr, hr), "s_per_mp": sec / (sr.shape[-1] * sr.shape[-2] / 1e6)}
                 outs[label] = sr
+                done = adapted.get((label, family, name))
+                if done is not None:
+                    row[f"{label} + LWay"] = {**done["after"], "iterations": done["iterations"]}
+                    if done["image"] is not None:
+                        outs[f"{label} + LWay"] = load_image(done["image"])
             rows.append(row)
             print(json.dumps(row), flush=True)
             if name == "astronaut":  # one photo per family on the contact sheet: the face
                 y, x0 = 80, 200
                 lr_up = F.interpolate(lr, scale_factor=SCALE, mode="nearest")
                 tiles = [_tile(lr_up, y, x0, f"{family}: LR")]
-                tiles += [_tile(v, y, x0, k.split(" (")[0]) for k, v in outs.items()] + [_tile(hr, y, x0, "HR")]
+                tiles += [_tile(v, y, x0, k.replace(" (shipped)", "")) for k, v in outs.items()] + [_tile(hr, y, x0, "HR")]
                 sheet_rows.append(tiles)
+    columns = ["bicubic", *(c for m in models for c in (m, f"{m} + LWay"))]
     summary = {f: {m: {k: statistics.median(r[m][k] for r in rows if r["family"] == f)
-                       for k in ("psnr_y", "ssim_y", "niqe")} for m in ("bicubic", *models)} for f in a.families}
+                       for k in ("psnr_y", "ssim_y", "niqe")}
+                   for m in columns if all(m in r for r in rows if r["family"] == f)} for f in a.families}
     for m in models:
         summary.setdefault("s_per_mp", {})[m] = statistics.median(r[m]["s_per_mp"] for r in rows)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()

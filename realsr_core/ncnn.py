@@ -4,7 +4,9 @@ No ncnn runtime is needed: the ``.param`` text lists the layers (type, name, inp
 parameters) and the ``.bin`` holds each weighted layer's data in graph order.  The graph is matched against the
 architectures users have in this format -- Real-ESRGAN / ESRGAN's RRDBNet (any block count; the x2 / x1 models'
 pixel-unshuffle in front) and Real-ESRGAN's compact net (realesr-animevideov3), including a trailing resize of
-the output -- and turned into the BasicSR / spandrel key layout, so :mod:`realsr_core.models.esrgan` builds it,
+the output -- as the old onnx2ncnn files of the releases write them (``Eltwise`` adds) and as ncnn's current
+converter pnnx does (``BinaryOp`` adds, the pixel-unshuffle as one ``Reorg``), and turned into the BasicSR /
+spandrel key layout, so :mod:`realsr_core.models.esrgan` builds it,
 our tiler and LWay run it, and ``python -m realsr_core convert`` writes a file spandrel and ComfyUI read.
 
 ``.bin`` layout (ncnn ``ModelBin``): a Convolution's weight is stored with a 4-byte tag (``0`` = float32,
@@ -27,7 +29,7 @@ __all__ = ["Layer", "read_graph", "read_ncnn", "to_state_dict"]
 MAGIC = 7767517
 _FP16_TAG, _FP32_TAG = 0x01306B47, 0
 _KNOWN = {"Input", "Convolution", "Split", "Concat", "Eltwise", "BinaryOp", "Interp", "PReLU", "PixelShuffle",
-          "Reshape", "Permute"}
+          "Reshape", "Permute", "Reorg"}
 
 
 @dataclass
@@ -118,6 +120,26 @@ def _conv_keys(prefix: str, layer: Layer) -> dict[str, Tensor]:
     return {f"{prefix}.{k}": v for k, v in layer.weights.items()}
 
 
+def _first_conv_weight(layers: list[Layer], first: Layer, name: str) -> Tensor:
+    """``conv_first``'s weight with its input channels in ``F.pixel_unshuffle``'s order (what RRDBNet runs).
+
+    pnnx writes an x2 / x1 model's unshuffle as ``Reorg`` (stride u): mode 0 orders the channels as PyTorch does
+    (channel ``c * u^2 + k`` for the k-th pixel of a u x u cell), mode 1 cell-major (``k * 3 + c``), which a
+    permutation of the weight's input channels turns into PyTorch's.  Checked against the ncnn runtime.
+    """
+    w = first.weights["weight"]
+    reorgs = [lr for lr in layers[:layers.index(first)] if lr.type == "Reorg"]
+    if not reorgs:
+        return w
+    u, mode = reorgs[0].param(0), reorgs[0].param(1)
+    if len(reorgs) > 1 or u not in (2, 4) or mode not in (0, 1) or w.shape[1] != 3 * u * u:
+        raise UnsupportedModelError(f"{name}: {len(reorgs)} Reorg layer(s) (stride {u}, mode {mode}) before a "
+                                    f"{w.shape[1]}-channel first convolution; expected one pixel-unshuffle by 2 or 4")
+    if mode == 0:
+        return w
+    return w.reshape(w.shape[0], u * u, 3, *w.shape[2:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
 def _rrdb(layers: list[Layer], convs: list[Layer], name: str) -> dict[str, Tensor]:
     interps = [lr for lr in layers if lr.type == "Interp"]
     if len(interps) != 2 or any(lr.param(0) != 1 for lr in interps):
@@ -125,7 +147,7 @@ def _rrdb(layers: list[Layer], convs: list[Layer], name: str) -> dict[str, Tenso
     body = (len(convs) - 6) // 15
     if body < 1 or len(convs) != 15 * body + 6:
         raise UnsupportedModelError(f"{name}: {len(convs)} convolutions do not form RRDBNet (15 per block + 6)")
-    sd = _conv_keys("conv_first", convs[0])
+    sd = {**_conv_keys("conv_first", convs[0]), "conv_first.weight": _first_conv_weight(layers, convs[0], name)}
     it = iter(convs[1:])
     for b in range(body):
         for r in (1, 2, 3):
@@ -172,11 +194,11 @@ def to_state_dict(layers: list[Layer], name: str = "the ncnn file") -> dict[str,
     if unknown or not convs:
         raise UnsupportedModelError(f"{name}: ncnn graph with layers {types}; only RRDBNet (ESRGAN / Real-ESRGAN) and "
                                     "Real-ESRGAN's compact net are recognised" + (f" ({unknown} unknown)" if unknown else ""))
-    # x2 / x1 RRDBNet pixel-unshuffle the input (Reshape, Permute, Reshape) before conv_first: nothing to read,
-    # conv_first's 12 / 48 input channels tell the layout.
+    # x2 / x1 RRDBNet pixel-unshuffle the input before conv_first (onnx2ncnn: Reshape, Permute, Reshape; pnnx: one
+    # Reorg, see _first_conv_weight); conv_first's 12 / 48 input channels tell the scale.
     if "PReLU" in types:
         return _compact(layers, convs, name)
-    if "Concat" in types and "Eltwise" in types:
+    if "Concat" in types and ("Eltwise" in types or "BinaryOp" in types):
         return _rrdb(layers, convs, name)
     raise UnsupportedModelError(f"{name}: ncnn graph with layers {types} is neither RRDBNet nor the compact net")
 

@@ -23,6 +23,7 @@ from realsr_core.errors import CheckpointError, UnsupportedModelError
 from realsr_core.ncnn import read_graph
 from realsr_core.weights import builtin_path
 
+PNNX = Path(__file__).parent / "fixtures" / "ncnn_pnnx"
 SMALL = ["realesrgan-x4plus-anime", "realesr-animevideov3-x4", "realesr-animevideov3-x2", "realesr-animevideov3-x3"]
 
 
@@ -37,6 +38,25 @@ def photo(h: int = 48, w: int = 64) -> torch.Tensor:
     return skimage_photo("astronaut")[:, :, 100:100 + h, 180:180 + w].contiguous()
 
 
+def ncnn_output(param: Path, x: torch.Tensor) -> torch.Tensor:
+    """ncnn's own CPU runtime on (1, 3, H, W): the reference (the graph's first and last blobs)."""
+    ncnn = pytest.importorskip("ncnn", reason="the ncnn runtime (pip install ncnn) is the reference here")
+    layers = read_graph(param)
+    net = ncnn.Net()
+    net.opt.use_vulkan_compute = False
+    net.load_param(str(param))
+    net.load_model(str(param.with_suffix(".bin")))
+    arr = np.ascontiguousarray(x[0].numpy())  # ncnn.Mat wraps this buffer: it must outlive the extractor
+    ex = net.create_extractor()
+    ex.input(layers[0].outputs[0], ncnn.Mat(arr))
+    return torch.from_numpy(np.array(ex.extract(layers[-1].outputs[0])[1]).copy())
+
+
+def our_output(param: Path, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(param).model(x.contiguous(memory_format=torch.channels_last))[0]
+
+
 @pytest.mark.parametrize("name", [*SMALL, "realesrgan-x4plus"])
 def test_outputs_equal_the_ncnn_runtime(name: str) -> None:
     """Our PyTorch network from the ncnn files against ncnn's own CPU runtime on a real photo.
@@ -44,22 +64,44 @@ def test_outputs_equal_the_ncnn_runtime(name: str) -> None:
     Both compute in float32 from the same float16-stored weights, so only summation order differs: tolerance
     5e-5 (measured at most 7e-6 on this machine for every file).
     """
-    ncnn = pytest.importorskip("ncnn", reason="the ncnn runtime (pip install ncnn) is the reference here")
     p = model(name)
     x = photo()
-    net = ncnn.Net()
-    net.opt.use_vulkan_compute = False
-    net.load_param(str(p))
-    net.load_model(str(p.with_suffix(".bin")))
-    arr = np.ascontiguousarray(x[0].numpy())  # ncnn.Mat wraps this buffer: it must outlive the extractor
-    ex = net.create_extractor()
-    ex.input("data", ncnn.Mat(arr))
-    ref = torch.from_numpy(np.array(ex.extract("output")[1]).copy())
-    desc = load_model(p)
-    with torch.no_grad():
-        ours = desc.model(x.contiguous(memory_format=torch.channels_last))[0]
-    assert ours.shape == ref.shape == (3, 48 * desc.scale, 64 * desc.scale)
+    ref = ncnn_output(p, x)
+    ours = our_output(p, x)
+    scale = load_model(p).scale
+    assert ours.shape == ref.shape == (3, 48 * scale, 64 * scale)
     assert (ours - ref).abs().max().item() < 5e-5
+
+
+@pytest.mark.parametrize(("stem", "scale"), [("rrdb_x4", 4), ("rrdb_x2", 2), ("rrdb_x1", 1), ("compact_x4", 4)])
+def test_files_made_by_pnnx_equal_the_ncnn_runtime(stem: str, scale: int) -> None:
+    """Files written by ncnn's current converter (pnnx: BinaryOp adds, the x2 / x1 unshuffle as one Reorg;
+    tests/fixtures/ncnn_pnnx/make.py), including the x2 / x1 RRDBNet no release ships in ncnn form.
+    Tolerance as above (measured at most 2e-7: these small networks sum fewer terms)."""
+    p = PNNX / f"{stem}.param"
+    x = photo(24, 40)
+    ref = ncnn_output(p, x)
+    assert our_output(p, x).shape == ref.shape == (3, 24 * scale, 40 * scale)
+    assert (our_output(p, x) - ref).abs().max().item() < 5e-5
+    assert load_model(p).scale == scale
+
+
+@pytest.mark.parametrize("stem", ["rrdb_x2", "rrdb_x1"])
+def test_a_cell_major_unshuffle_is_reordered_for_the_network(stem: str, tmp_path: Path) -> None:
+    # Reorg mode 1 orders the unshuffled channels cell-major; the same weights then give another image, and ours
+    # must follow the runtime there too (conv_first's input channels permuted on reading).
+    p = tmp_path / f"{stem}.param"
+    p.write_text((PNNX / f"{stem}.param").read_text().replace(" 1=0\n", " 1=1\n", 1))
+    shutil.copyfile(PNNX / f"{stem}.bin", p.with_suffix(".bin"))
+    assert [lr.param(1) for lr in read_graph(p) if lr.type == "Reorg"] == [1]
+    x = photo(24, 40)
+    ref = ncnn_output(p, x)
+    assert (ref - ncnn_output(PNNX / f"{stem}.param", x)).abs().max().item() > 1e-2
+    assert (our_output(p, x) - ref).abs().max().item() < 5e-5
+    # A stride that is no x2 / x1 unshuffle is refused, naming it.
+    p.write_text((PNNX / f"{stem}.param").read_text().replace(" 0=2 1=0\n", " 0=3 1=0\n").replace(" 0=4 1=0\n", " 0=3 1=0\n"))
+    with pytest.raises(UnsupportedModelError, match="stride 3"):
+        load_model(p)
 
 
 def test_architectures_and_configs_are_read_from_the_graph() -> None:

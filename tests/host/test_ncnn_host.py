@@ -193,3 +193,22 @@ def test_a_layout_spandrel_cannot_read_leaves_the_other_outputs_working(comfy, m
                                                         overlap=16))[0].shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="spandrel, ComfyUI's upscale-model library, cannot read it.*'RealSR Upscale'"):
         ImageUpscaleWithModel.execute(upscale_model=outs[UPSCALE_MODEL], image=x)
+
+
+def test_an_x2_rrdbnet_converted_by_pnnx_runs_in_both_nodes(comfy, models_dir: Path, photo: torch.Tensor) -> None:
+    """An x2 RRDBNet (pixel-unshuffle in front; as pnnx, ncnn's current converter, writes it: one Reorg layer),
+    tests/fixtures/ncnn_pnnx: our node and ComfyUI's spandrel-based node give the same x2 image."""
+    from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
+    from spandrel import ImageModelDescriptor
+
+    _copy(Path(__file__).parents[1] / "fixtures" / "ncnn_pnnx", "rrdb_x2", models_dir)
+    outs = _load(comfy, "rrdb_x2.param")
+    model, spandrel_model = outs[SR], outs[UPSCALE_MODEL]
+    assert model.arch == "esrgan" and model.desc.scale == 2
+    assert isinstance(spandrel_model, ImageModelDescriptor) and spandrel_model.scale == 2
+    x = bhwc(photo)
+    ours = _out(comfy.nodes[f"{PREFIX}Upscale"].execute(model=model, image=x, tile_size="none", overlap=16))[0]
+    theirs = _out(ImageUpscaleWithModel.execute(upscale_model=spandrel_model, image=x))[0]
+    assert ours.shape == theirs.shape == (1, 128, 160, 3)
+    assert (theirs - ours).abs().max().item() <= SPANDREL_TOL
+    assert ours.std() > 0.05  # an image, not a constant (the fixture's last conv is scaled to an image range)
