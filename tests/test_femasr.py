@@ -304,6 +304,19 @@ def test_group_norm_channels_last_statistics_are_accurate() -> None:
             torch.testing.assert_close(y, out, rtol=0, atol=0)
 
 
+def test_nearest_code_searches_in_float32_inside_autocast() -> None:
+    # Mixed-precision LWay fine-tuning runs FeMaSR under autocast, which would turn the distance addmm into
+    # bfloat16 and pick other codes (54 of 2,000 here); the search leaves autocast for float32.
+    g = torch.Generator().manual_seed(1)
+    codebook, z = torch.randn(1024, 256, generator=g), torch.randn(2000, 256, generator=g)
+    ref = nearest_code(z, codebook)  # the same float32 kernels outside autocast: equal by construction
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = torch.addmm(codebook.square().sum(1), z, codebook.t(), beta=1.0, alpha=-2.0).argmin(1)
+        found = nearest_code(z, codebook)
+    assert (rounded != ref).sum() > 10
+    torch.testing.assert_close(found, ref, rtol=0, atol=0)
+
+
 def test_nearest_code_float32_search_and_chunking() -> None:
     g = torch.Generator().manual_seed(1)
     codebook = torch.randn(300, 16, generator=g) * 3

@@ -21,16 +21,19 @@ _CHUNK_ELEMENTS = 1 << 22
 
 @contextmanager
 def _ieee_float32_matmul(device: torch.device) -> Iterator[None]:
-    """Keep CUDA float32 matmuls in full precision (hosts may enable TF32 globally)."""
-    if device.type != "cuda":
-        yield
-        return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+    """Keep the search's float32 matmuls in float32: outside any autocast region of the caller (mixed-precision
+    LWay fine-tuning would run ``addmm`` in bfloat16 / float16 and pick other codes), and without TF32 on CUDA
+    (hosts may enable it globally)."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def nearest_code(z: Tensor, codebook: Tensor, chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
