@@ -261,20 +261,27 @@ def run_finetune(model: Any, image: Tensor, lway: RealSRModel, *, iterations: in
 
     The core trains a private copy on the GPU (gradients on despite ComfyUI's inference mode); the input
     model is never changed, and the adapted copy comes back on the offload device, so the GPU holds the
-    training state only while this node runs.
+    training state only while this node runs.  A model ComfyUI loaded in float16 / bfloat16 (its choice for
+    the GPU) trains in mixed precision (passes in that dtype, weights and Adam state float32); a float32 one
+    (on the CPU, and ComfyUI's upscale models) in float32.
     """
     device = mm.get_torch_device()
     net = model.model
+    dtype = next(net.parameters()).dtype
+    mixed = dtype in (torch.float16, torch.bfloat16)
     params = sum(p.numel() * 4 for p in net.parameters())
     p, b = options.get("patch_size", 64), options.get("batch_size", 4)
     scale = getattr(model, "scale", 4)
     # Weights, grads and Adam's two moments in float32, plus the autograd activations of one patch batch
-    # (~2 KB per SR pixel for these conv nets, measured on CRL-SR / RRDB) and the frozen E + R.
-    required = 4 * params + b * (p * scale) ** 2 * 2048 + sum(q.numel() * 4 for q in lway.desc.model.parameters())
+    # (~2 KB per SR pixel for these conv nets in float32, measured on CRL-SR / RRDB; half that in mixed
+    # precision) and the frozen E + R.
+    act = b * (p * scale) ** 2 * (1024 if mixed else 2048)
+    required = 4 * params + act + sum(q.numel() * 4 for q in lway.desc.model.parameters())
     mm.free_memory(required, device)
     pbar = comfy.utils.ProgressBar(iterations)
     try:
         result = finetune(model, image.movedim(-1, 1), lway.desc, iterations=iterations, device=device,
+                          compute_dtype=dtype if mixed else torch.float32,
                           progress=lambda done, total, _loss: pbar.update_absolute(done, total),
                           cancel=interrupt_check, **options)
     finally:

@@ -89,7 +89,7 @@ class UpscalerRealSR(Upscaler):
             options = {k: v for k, v in req.options.items() if k in desc.option_names()}
             req.used = desc.name
             if req.lway_iterations > 0:
-                desc = self._adapt(desc, x, req, device)
+                desc = self._adapt(desc, x, req, device, dtype)
         result = upscale(desc, x, tile=host.setting(host.TILE) or "auto", overlap=host.setting(host.OVERLAP),
                          device=device, dtype=dtype, progress=host.progress(f"RealSR {desc.name}"),
                          cancel=host.cancelled, **options)
@@ -100,11 +100,13 @@ class UpscalerRealSR(Upscaler):
             host.free_memory()  # the adapted copy lived for this image only
         return host.to_image(result.image)
 
-    def _adapt(self, desc: ModelDescriptor, x: torch.Tensor, req: Request, device: torch.device) -> ModelDescriptor:
-        """LWay: a copy of the model fine-tuned on this image; the loaded model is not changed."""
+    def _adapt(self, desc: ModelDescriptor, x: torch.Tensor, req: Request, device: torch.device,
+               dtype: torch.dtype) -> ModelDescriptor:
+        """LWay: a copy of the model fine-tuned on this image; the loaded model is not changed.  It trains in
+        the upscale's precision: mixed (float16 / bfloat16 passes, float32 weights) where the webui runs half."""
         lway = load_model(builtin_path(LWAY_MODULE))
         step = host.progress("LWay adaptation")
         res = finetune(desc, x, lway, iterations=req.lway_iterations, lr=req.lway_lr, device=device,
-                       progress=lambda done, total, _loss: step(done, total), cancel=host.cancelled)
+                       compute_dtype=dtype, progress=lambda done, total, _loss: step(done, total), cancel=host.cancelled)
         req.losses = list(res.losses)
         return res.model

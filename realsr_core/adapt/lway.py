@@ -20,10 +20,10 @@ Choices the paper leaves open (``shared/research/lway_crlsr_degradation.md`` Sec
   term of the paper is left out (its weights cannot be downloaded here).
 * Optimiser Adam (betas 0.9, 0.999), constant learning rate; the model runs in eval mode throughout
   (no BatchNorm statistics updates, no dropout): only its weights change.
-* Mixed precision is optional (``compute_dtype``): the forward and backward passes of S and R run in
-  bfloat16 / float16 under autocast while the weights, their gradients and Adam's moments stay float32, so
-  small steps (lr 1e-5 on weights of ~1e-2) are not rounded away; float16 adds loss scaling against
-  gradient underflow.  On a CPU with native bfloat16 this halves the time of a step (BENCHMARKS.md, LWay).
+* Mixed precision is optional (``compute_dtype``): the forward and backward passes of S run in
+  bfloat16 / float16 under autocast while its weights, their gradients and Adam's moments stay float32, so
+  small steps (lr 1e-5 on weights of ~1e-2) are not rounded away; R and the loss stay float32 (see
+  :func:`_step_loss`); float16 adds loss scaling against gradient underflow.  On a CPU with native bfloat16 this halves the time of a step (BENCHMARKS.md, LWay).
 
 The model passed in is never modified: a deep copy is fine-tuned and returned.
 """
@@ -389,15 +389,22 @@ def _frozen_reconstruction(reconstruction: LWayReconstruction | ModelDescriptor,
     return rec.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
 
-def _step_loss(runner: _Runner, rec: LWayReconstruction, lr: Tensor, index: Tensor) -> Tensor:
-    """The self-supervised loss of one patch batch (gradients flow to the SR model's trainable parameters)."""
+def _step_loss(runner: _Runner, rec: LWayReconstruction, lr: Tensor, index: Tensor,
+               compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """The self-supervised loss of one patch batch (gradients flow to the SR model's trainable parameters).
+
+    With a reduced ``compute_dtype`` only the SR model runs under autocast: R, E and the loss stay float32,
+    because the residual ``recon - lr_up`` the loss measures (~2e-3 for a good model) is as small as
+    bfloat16's rounding of a [0, 1] image (~2e-3), and R's downscaling averages the SR output's rounding away.
+    """
     s = runner.scale
     size = (lr.shape[-2] * s, lr.shape[-1] * s)
     with torch.no_grad():
         lr_up = bicubic_resize(lr, size)
         emb = rec.embed(lr_up)
         weight = hf_weight_map(lr_up)
-    sr = runner.call(lr, index)
+    with torch.autocast(lr.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        sr = runner.call(lr, index)
     if tuple(sr.shape[-2:]) != size:
         raise RealSRError(f"the SR model turned a {lr.shape[-1]}x{lr.shape[-2]} patch into {sr.shape[-1]}x{sr.shape[-2]}, "
                           f"expected x{s} ({size[1]}x{size[0]}); pass the right scale")
@@ -533,7 +540,6 @@ def finetune(
         partial = len(chosen) < len(used)
         optimizer = torch.optim.Adam(chosen, lr=lr)
         dev_type = imgs[0].device.type
-        mixed = compute_dtype != torch.float32
         # float16's 5-bit exponent flushes small gradients to zero; the scaler multiplies the loss up and skips
         # a step whose gradients overflowed.  bfloat16 has float32's range and needs none.
         scaler = torch.amp.GradScaler(dev_type) if compute_dtype == torch.float16 else None
@@ -545,8 +551,7 @@ def finetune(
             lr_patch, index = patches.batch(batch_size)
             if partial:
                 lr_patch.requires_grad_(True)
-            with torch.autocast(dev_type, dtype=compute_dtype, enabled=mixed):
-                loss = _step_loss(runner, rec, lr_patch, index)
+            loss = _step_loss(runner, rec, lr_patch, index, compute_dtype)
             if not torch.isfinite(loss):
                 raise RealSRError(f"LWay fine-tuning: the loss is not finite at iteration {it + 1}; lower lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)

@@ -135,3 +135,39 @@ def test_wrong_sockets_and_bad_options_are_clear_errors(comfy, models) -> None:
         node.execute(model=lway_outputs[5], images=x, lway=lway_outputs[5], **OPTIONS)
     with pytest.raises(Exception, match="matches no parameter name"):
         node.execute(model=sr, images=x, lway=lway_outputs[5], **{**OPTIONS, "params": "no_such_layer"})
+
+
+def test_a_model_comfy_loaded_in_half_trains_in_mixed_precision(comfy, models) -> None:
+    """On a GPU ComfyUI loads our models in float16 / bfloat16; LWay then trains in mixed precision (the SR model's
+    passes in that dtype, float32 weights, Adam state, R and loss).  Here the CPU stands in: the model is put in
+    bfloat16 as the loader does on a bfloat16 GPU, and compared with the same rounded weights in float32."""
+    import sys
+
+    host = sys.modules[comfy.nodes[f"{PREFIX}LWayFinetune"].__module__].host
+    _, lway_outputs = models
+    half, full = (_out(comfy.nodes[f"{PREFIX}LoadModel"].execute(model_name="built-in/crlsr_x4.safetensors"))[4]
+                  for _ in range(2))
+    half.desc.to(dtype=torch.bfloat16)
+    full.desc.to(dtype=torch.bfloat16).to(dtype=torch.float32)  # the same (rounded) weights, in float32
+    before = _snapshot(half.desc.model)
+    x = bhwc(skimage_photo("chelsea")[:, :, 40:88, 100:164])
+    opts = {"lr": 1e-4, "patch_size": 32, "batch_size": 2, "seed": 0}
+    with torch.inference_mode():
+        ref = host.run_finetune(full.desc, x, lway_outputs[5], iterations=3, **opts)
+        res = host.run_finetune(half.desc, x, lway_outputs[5], iterations=3, **opts)
+    # The first step sees the same weights and patches: its loss differs only by the passes' rounding (the later
+    # steps also differ by Adam's first, sign-like updates of near-zero gradients).
+    assert res.losses[0] != ref.losses[0] and abs(res.losses[0] / ref.losses[0] - 1) < 0.01
+    assert next(res.model.model.parameters()).dtype == torch.bfloat16  # handed back in the loaded precision
+    assert _same(before, _snapshot(half.desc.model))
+
+    def run(desc) -> torch.Tensor:
+        return _out(comfy.nodes[f"{PREFIX}Upscale"].execute(model=host.wrap(desc, "m"), image=x, tile_size="none",
+                                                            overlap=16))[0]
+
+    start, mixed, full_out = run(full.desc), run(res.model), run(ref.model)
+    assert mixed.shape == (1, 192, 256, 3)
+    # Where fine-tuning moved the image, mixed precision moved it the same way.
+    apart, moved = (mixed - full_out).abs().mean().item(), (full_out - start).abs().mean().item()
+    print(f"mixed vs float32 fine-tuning: {apart:.2e} apart, fine-tuning moved the image {moved:.2e}")
+    assert apart < 0.5 * moved
