@@ -23,7 +23,8 @@ Choices the paper leaves open (``shared/research/lway_crlsr_degradation.md`` Sec
 * Mixed precision is optional (``compute_dtype``): the forward and backward passes of S run in
   bfloat16 / float16 under autocast while its weights, their gradients and Adam's moments stay float32, so
   small steps (lr 1e-5 on weights of ~1e-2) are not rounded away; R and the loss stay float32 (see
-  :func:`_step_loss`); float16 adds loss scaling against gradient underflow.  On a CPU with native bfloat16 this halves the time of a step (BENCHMARKS.md, LWay).
+  :func:`_step_loss`); float16 adds loss scaling against gradient underflow.  On a CPU with native bfloat16
+  this nearly halves the time of a Real-ESRGAN x4plus step (BENCHMARKS.md, LWay).
 
 The model passed in is never modified: a deep copy is fine-tuned and returned.
 """
