@@ -154,6 +154,19 @@ def test_convert_writes_the_released_keys_and_the_cli_runs_param_files(tmp_path:
     assert "convert writes ESRGAN / Real-ESRGAN models" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stem", ["rrdb_x2", "rrdb_x1"])
+def test_convert_keeps_an_unshuffling_model_whole(stem: str, tmp_path: Path, capsys) -> None:
+    # The x2 / x1 RRDBNet keys (conv_first with 12 / 48 input channels, as Real-ESRGAN x2plus releases them).
+    out = tmp_path / f"{stem}.safetensors"
+    assert main(["convert", str(PNNX / f"{stem}.param"), "-o", str(out)]) == 0
+    assert load_file(str(out))["conv_first.weight"].shape[1] == {"rrdb_x2": 12, "rrdb_x1": 48}[stem]
+    a, b = load_model(PNNX / f"{stem}.param"), load_model(out)
+    assert a.scale == b.scale == {"rrdb_x2": 2, "rrdb_x1": 1}[stem]
+    x = photo(24, 24)
+    assert torch.equal(upscale(a, x).image, upscale(b, x).image)  # the same float32 values through the same net
+    assert main(["info", str(PNNX / f"{stem}.param")]) == 0 and f'"scale": {a.scale}' in capsys.readouterr().out
+
+
 def test_other_graphs_and_broken_files_are_refused_clearly(tmp_path: Path) -> None:
     p = model("realesr-animevideov3-x4")
     text = p.read_text()
