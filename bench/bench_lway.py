@@ -150,8 +150,9 @@ def main() -> None:
             per_it = (time.perf_counter() - t0) / max(a.iterations, 1)
             after, sr1 = measure(res.model, lr, hr)
             if a.json:  # the adapted results beside the figures (bench_models.py --lway puts them on its sheet)
-                Path(a.json).with_suffix("").mkdir(parents=True, exist_ok=True)
-                save_image(sr1, Path(a.json).with_suffix("") / f"{family}_{name}.png", overwrite=True)
+                folder = Path(a.json).with_suffix("")
+                folder.mkdir(parents=True, exist_ok=True)
+                save_image(sr1, folder / f"{family}_{name}.png", overwrite=True)
             bic = bicubic_resize(lr, hr.shape[-2:]).clamp(0, 1)
             losses = whole_image_losses(rec, lr, {"hr": hr, "sr_before": sr0, "sr_after": sr1, "bicubic": bic})
             row = {"family": family, "photo": name, "lr_size": f"{lr.shape[-1]}x{lr.shape[-2]}", "before": before,

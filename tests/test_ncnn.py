@@ -52,9 +52,9 @@ def ncnn_output(param: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(ex.extract(layers[-1].outputs[0])[1]).copy())
 
 
-def our_output(param: Path, x: torch.Tensor) -> torch.Tensor:
+def our_output(desc, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return load_model(param).model(x.contiguous(memory_format=torch.channels_last))[0]
+        return desc.model(x.contiguous(memory_format=torch.channels_last))[0]
 
 
 @pytest.mark.parametrize("name", [*SMALL, "realesrgan-x4plus"])
@@ -67,8 +67,9 @@ def test_outputs_equal_the_ncnn_runtime(name: str) -> None:
     p = model(name)
     x = photo()
     ref = ncnn_output(p, x)
-    ours = our_output(p, x)
-    scale = load_model(p).scale
+    desc = load_model(p)
+    ours = our_output(desc, x)
+    scale = desc.scale
     assert ours.shape == ref.shape == (3, 48 * scale, 64 * scale)
     assert (ours - ref).abs().max().item() < 5e-5
 
@@ -77,13 +78,15 @@ def test_outputs_equal_the_ncnn_runtime(name: str) -> None:
 def test_files_made_by_pnnx_equal_the_ncnn_runtime(stem: str, scale: int) -> None:
     """Files written by ncnn's current converter (pnnx: BinaryOp adds, the x2 / x1 unshuffle as one Reorg;
     tests/fixtures/ncnn_pnnx/make.py), including the x2 / x1 RRDBNet no release ships in ncnn form.
-    Tolerance as above (measured at most 2e-7: these small networks sum fewer terms)."""
+    Tolerance as above (measured at most 1.4e-6 on this machine)."""
     p = PNNX / f"{stem}.param"
     x = photo(24, 40)
     ref = ncnn_output(p, x)
-    assert our_output(p, x).shape == ref.shape == (3, 24 * scale, 40 * scale)
-    assert (our_output(p, x) - ref).abs().max().item() < 5e-5
-    assert load_model(p).scale == scale
+    desc = load_model(p)
+    ours = our_output(desc, x)
+    assert ours.shape == ref.shape == (3, 24 * scale, 40 * scale)
+    assert (ours - ref).abs().max().item() < 5e-5
+    assert desc.scale == scale
 
 
 @pytest.mark.parametrize("stem", ["rrdb_x2", "rrdb_x1"])
@@ -97,7 +100,7 @@ def test_a_cell_major_unshuffle_is_reordered_for_the_network(stem: str, tmp_path
     x = photo(24, 40)
     ref = ncnn_output(p, x)
     assert (ref - ncnn_output(PNNX / f"{stem}.param", x)).abs().max().item() > 1e-2
-    assert (our_output(p, x) - ref).abs().max().item() < 5e-5
+    assert (our_output(load_model(p), x) - ref).abs().max().item() < 5e-5
     # A stride that is no x2 / x1 unshuffle is refused, naming it.
     p.write_text((PNNX / f"{stem}.param").read_text().replace(" 0=2 1=0\n", " 0=3 1=0\n").replace(" 0=4 1=0\n", " 0=3 1=0\n"))
     with pytest.raises(UnsupportedModelError, match="stride 3"):
